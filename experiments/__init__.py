@@ -1,0 +1,1 @@
+"""Reproduction of the batch-normalization paper's MNIST experiment (Figure 1)."""
