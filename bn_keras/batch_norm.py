@@ -138,9 +138,7 @@ class BatchNorm(keras.layers.Layer):
         self.beta_initializer = initializers.get(beta_initializer)
         self.gamma_initializer = initializers.get(gamma_initializer)
         self.moving_mean_initializer = initializers.get(moving_mean_initializer)
-        self.moving_variance_initializer = initializers.get(
-            moving_variance_initializer
-        )
+        self.moving_variance_initializer = initializers.get(moving_variance_initializer)
         self.beta_regularizer = regularizers.get(beta_regularizer)
         self.gamma_regularizer = regularizers.get(gamma_regularizer)
         self.beta_constraint = constraints.get(beta_constraint)
@@ -256,9 +254,7 @@ class BatchNorm(keras.layers.Layer):
                 autocast=False,
             )
         self.moving_mean = stat("moving_mean", self.moving_mean_initializer)
-        self.moving_variance = stat(
-            "moving_variance", self.moving_variance_initializer
-        )
+        self.moving_variance = stat("moving_variance", self.moving_variance_initializer)
         if self.renorm:
             # Keras tracks the population standard deviation under renorm
             # (the paper's formulation); moving_variance is derived from it.
@@ -299,7 +295,10 @@ class BatchNorm(keras.layers.Layer):
         mean = ops.cast(self.moving_mean, x.dtype)
         variance = ops.cast(self.moving_variance, x.dtype)
         multiplier, offset = _fold(
-            mean, variance, self._param(self.gamma, x), self._param(self.beta, x),
+            mean,
+            variance,
+            self._param(self.gamma, x),
+            self._param(self.beta, x),
             self.epsilon,
         )
         return x * self._broadcast(multiplier) + self._broadcast(offset)
@@ -390,13 +389,9 @@ class BatchNorm(keras.layers.Layer):
             stddev = ops.sqrt(variance + self.epsilon)
             momentum = self.renorm_momentum
             _average_into(self.renorm_mean, mean, 1.0 - momentum, momentum, active)
-            _average_into(
-                self.renorm_stddev, stddev, 1.0 - momentum, momentum, active
-            )
+            _average_into(self.renorm_stddev, stddev, 1.0 - momentum, momentum, active)
             _average_into(self.moving_mean, mean, weight, keep, active)
-            new_stddev = _average_into(
-                self.moving_stddev, stddev, weight, keep, active
-            )
+            new_stddev = _average_into(self.moving_stddev, stddev, weight, keep, active)
             # ReLU guards against rounding making the variance negative.
             self.moving_variance.assign(
                 ops.relu(new_stddev * new_stddev - self.epsilon)
@@ -601,15 +596,19 @@ def _clone_initializer(initializer):
 
 def _validate_axis(axis):
     if isinstance(axis, bool):
-        raise ValueError(f"`axis` must be an int or a tuple of ints. Received: axis={axis}")
+        raise ValueError(
+            f"`axis` must be an int or a tuple of ints. Received: axis={axis}"
+        )
     if isinstance(axis, int):
         return axis
-    if isinstance(axis, (list, tuple)) and axis and all(
-        isinstance(a, int) and not isinstance(a, bool) for a in axis
+    if (
+        isinstance(axis, (list, tuple))
+        and axis
+        and all(isinstance(a, int) and not isinstance(a, bool) for a in axis)
     ):
         if len(set(axis)) != len(axis):
             raise ValueError(f"`axis` has a repeated entry. Received: axis={axis}")
-        return axis[0] if len(axis) == 1 and isinstance(axis, list) else tuple(axis)
+        return tuple(axis)
     raise ValueError(
         f"`axis` must be an int or a non-empty tuple of ints. Received: axis={axis!r}"
     )
@@ -666,11 +665,8 @@ def _validate_renorm_clipping(clipping):
     rmax, rmin, dmax = (clipping.get(k) for k in _RENORM_CLIPPING_KEYS)
     if rmax is not None and rmin is not None and rmax < rmin:
         raise ValueError(
-            "`renorm_clipping` needs rmax >= rmin. "
-            f"Received: rmax={rmax}, rmin={rmin}"
+            f"`renorm_clipping` needs rmax >= rmin. Received: rmax={rmax}, rmin={rmin}"
         )
     if dmax is not None and dmax < 0:
-        raise ValueError(
-            f"`renorm_clipping` needs dmax >= 0. Received: dmax={dmax}"
-        )
+        raise ValueError(f"`renorm_clipping` needs dmax >= 0. Received: dmax={dmax}")
     return clipping
