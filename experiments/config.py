@@ -1,0 +1,176 @@
+"""Experiment configuration: one flat block of defaults, TOML files that override.
+
+The defaults are the paper's Figure 1 setting. A config file (TOML) and then
+`--set key=value` options override them; an unknown key or a value of the
+wrong type is an error, never a silent default.
+"""
+
+import json
+from pathlib import Path
+
+import tomllib
+
+DEFAULTS = {
+    # Reproducibility: the initial weights and the mini-batch sequence.
+    "seed": 0,
+    # The network: 784 inputs, sigmoid hidden layers, 10 softmax outputs.
+    "hidden_units": [100, 100],
+    # Deliberately unscaled N(0, init_stddev) weights: where BN's effect shows.
+    "init_stddev": 1.0,
+    # Plain SGD on the cross-entropy summed over the mini-batch.
+    "learning_rate": 0.01,
+    "batch_size": 60,
+    "steps": 40000,
+    # Evaluate on the whole test set every this many steps (and at step 0).
+    "eval_every": 50,
+    # Batch normalization: which layer, and its population statistics.
+    "bn_impl": "bn_keras",
+    "bn_momentum": 0.999,
+    "bn_epsilon": 1e-3,
+    # Neurons of the last hidden layer whose sigmoid inputs are recorded.
+    "neurons": [0, 1, 2, 3, 4],
+    # Data: "vendored" (data/mnist), "dir" (data_dir), or "tfds".
+    "data_source": "vendored",
+    "data_dir": "",
+    # Use only the first N training / test examples (0: all); for smoke tests.
+    "train_examples": 0,
+    "test_examples": 0,
+    # "fast": many steps per compiled call; "simple": one call per step.
+    "loop": "fast",
+}
+
+CHOICES = {
+    "bn_impl": ("bn_keras", "keras"),
+    "data_source": ("vendored", "dir", "tfds"),
+    "loop": ("fast", "simple"),
+}
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message says why."""
+
+
+def load_config(path=None, overrides=()):
+    """Returns the defaults, updated by the TOML file at `path` and `overrides`.
+
+    Args:
+        path: Optional path of a TOML file of `key = value` lines.
+        overrides: `key=value` strings; values are parsed as TOML values
+            (`steps=100`, `hidden_units=[50, 50]`, `bn_impl="keras"`), and a
+            bare word is taken as a string (`bn_impl=keras`).
+    """
+    config = dict(DEFAULTS)
+    if path is not None:
+        path = Path(path)
+        try:
+            with path.open("rb") as f:
+                values = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(
+                f"config file {path} does not exist; the shipped ones are in "
+                f"{CONFIG_DIR}"
+            ) from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+        for key, value in values.items():
+            config[key] = _checked(key, value, f"in {path}")
+    for item in overrides:
+        key, value = _parse_override(item)
+        config[key] = _checked(key, value, f"in --set {item}")
+    _validate(config)
+    return config
+
+
+def _parse_override(item):
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set expects key=value. Received: {item!r}")
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    return key, value
+
+
+def _checked(key, value, where):
+    if key not in DEFAULTS:
+        raise ConfigError(
+            f"unknown config key {key!r} {where}; known keys: "
+            f"{', '.join(sorted(DEFAULTS))}"
+        )
+    default = DEFAULTS[key]
+    if (
+        isinstance(default, float)
+        and isinstance(value, int)
+        and not isinstance(value, bool)
+    ):
+        value = float(value)
+    if type(value) is not type(default):
+        raise ConfigError(
+            f"config key {key!r} {where} must be of type "
+            f"{type(default).__name__} (like {json.dumps(default)}). "
+            f"Received: {value!r}"
+        )
+    if isinstance(default, list) and not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        raise ConfigError(
+            f"config key {key!r} {where} must be a list of integers. "
+            f"Received: {value!r}"
+        )
+    if key in CHOICES and value not in CHOICES[key]:
+        raise ConfigError(
+            f"config key {key!r} {where} must be one of {CHOICES[key]}. "
+            f"Received: {value!r}"
+        )
+    return value
+
+
+def _validate(config):
+    """Checks that need the whole config; raises ConfigError naming the key."""
+    positive = ("batch_size", "steps", "eval_every", "learning_rate", "init_stddev")
+    for key in positive:
+        if not config[key] > 0:
+            raise ConfigError(
+                f"config key {key!r} must be positive. Received: {config[key]!r}"
+            )
+    if not config["hidden_units"] or min(config["hidden_units"]) < 1:
+        raise ConfigError(
+            "config key 'hidden_units' must list at least one positive layer "
+            f"size. Received: {config['hidden_units']!r}"
+        )
+    if not 0.0 <= config["bn_momentum"] <= 1.0:
+        raise ConfigError(
+            f"config key 'bn_momentum' must be in [0, 1]. Received: "
+            f"{config['bn_momentum']!r}"
+        )
+    if not config["bn_epsilon"] > 0:
+        raise ConfigError(
+            f"config key 'bn_epsilon' must be positive. Received: "
+            f"{config['bn_epsilon']!r}"
+        )
+    last = config["hidden_units"][-1]
+    bad = [n for n in config["neurons"] if not 0 <= n < last]
+    if bad or not config["neurons"]:
+        raise ConfigError(
+            f"config key 'neurons' must name neurons of the last hidden layer, "
+            f"0 to {last - 1}. Received: {config['neurons']!r}"
+        )
+    if config["steps"] % config["eval_every"]:
+        raise ConfigError(
+            f"config key 'steps' ({config['steps']}) must be a multiple of "
+            f"'eval_every' ({config['eval_every']})"
+        )
+    for key in ("train_examples", "test_examples"):
+        if config[key] < 0:
+            raise ConfigError(
+                f"config key {key!r} must be >= 0 (0: all). Received: {config[key]!r}"
+            )
+    if config["data_source"] == "vendored" and config["data_dir"]:
+        raise ConfigError(
+            "config key 'data_dir' is set but 'data_source' is 'vendored'; use "
+            "data_source='dir' (or --data-dir) to read your own folder"
+        )

@@ -1,0 +1,113 @@
+"""Figure 1 of the BN paper, drawn from a run's metrics file."""
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+FIGURES = ("accuracy.png", "sigmoid_input_percentiles.png", "sigmoid_input_means.png")
+
+
+def plot_all(metrics_path, out_dir=None):
+    """Writes the three figures next to `metrics_path` (or into `out_dir`).
+
+    Returns the paths written.
+    """
+    metrics_path = Path(metrics_path)
+    out_dir = Path(out_dir) if out_dir is not None else metrics_path.parent
+    metrics = json.loads(metrics_path.read_text())
+    paths = []
+    for name, draw in zip(FIGURES, (_accuracy, _percentiles, _means), strict=True):
+        fig = draw(metrics)
+        path = out_dir / name
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def _accuracy(metrics):
+    steps = np.asarray(metrics["steps"])
+    accuracy = metrics["accuracy"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    ax.plot(steps, accuracy["plain"], label="Without BN", color="tab:blue")
+    ax.plot(
+        steps,
+        accuracy["bn_population"],
+        label="With BN (population statistics)",
+        color="tab:red",
+    )
+    ax.plot(
+        steps,
+        accuracy["bn_batch_stats"],
+        label="With BN (test-set batch statistics)",
+        color="tab:red",
+        linestyle=":",
+        alpha=0.8,
+    )
+    ax.set_xlabel("Training steps")
+    ax.set_ylabel("Test accuracy")
+    ax.set_title("(a) MNIST test accuracy, 784-100-100-10 sigmoid MLP")
+    low = min(min(v[len(v) // 10 :]) for v in accuracy.values())
+    ax.set_ylim(max(0.0, low - 0.02), 1.0)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    return fig
+
+
+def _percentiles(metrics):
+    steps = np.asarray(metrics["steps"])
+    activations = metrics["activations"]
+    neuron = activations["neurons"][0]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, key, title in zip(
+        axes, ("plain", "bn"), ("(b) Without BN", "(c) With BN"), strict=True
+    ):
+        values = np.asarray(activations[key])[:, 0, :]  # (evaluations, statistic)
+        ax.fill_between(
+            steps,
+            values[:, 0],
+            values[:, 2],
+            alpha=0.2,
+            color="tab:gray",
+            label="15th to 85th percentile",
+        )
+        for column, (style, label) in enumerate(
+            [("--", "15th"), ("-", "50th"), ("--", "85th")]
+        ):
+            ax.plot(
+                steps,
+                values[:, column],
+                style,
+                color="black",
+                linewidth=1,
+                label=f"{label} percentile",
+            )
+        ax.set_title(f"{title}: input to sigmoid, neuron {neuron}")
+        ax.set_xlabel("Training steps")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("Sigmoid input over the test set")
+    axes[0].legend(loc="best", fontsize="small")
+    return fig
+
+
+def _means(metrics):
+    steps = np.asarray(metrics["steps"])
+    activations = metrics["activations"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, key, title in zip(
+        axes, ("plain", "bn"), ("Without BN", "With BN"), strict=True
+    ):
+        means = np.asarray(activations[key])[:, :, 3]  # (evaluations, neuron)
+        for i, neuron in enumerate(activations["neurons"]):
+            ax.plot(steps, means[:, i], linewidth=1, label=f"neuron {neuron}")
+        ax.set_title(f"{title}: mean sigmoid input over the test set")
+        ax.set_xlabel("Training steps")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("Mean sigmoid input")
+    axes[1].legend(loc="best", fontsize="small")
+    return fig

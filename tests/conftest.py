@@ -1,0 +1,120 @@
+"""Fixtures shared by the BatchNorm tests: seeded data, policy hygiene, gradients."""
+
+import keras
+import numpy as np
+import pytest
+
+BACKEND = keras.backend.backend()
+
+
+@pytest.fixture(autouse=True)
+def _isolate_keras_state():
+    """Restores the global dtype policy and reseeds Keras after each test."""
+    policy = keras.config.dtype_policy()
+    keras.utils.set_random_seed(0)
+    yield
+    keras.config.set_dtype_policy(policy)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(20150211)
+
+
+def _tf_call_with_gradients(layer, x, upstream, training, mask):
+    import tensorflow as tf
+
+    x = tf.convert_to_tensor(x)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = layer(x, training=training, mask=mask)
+        loss = tf.reduce_sum(tf.cast(y, upstream.dtype) * upstream)
+    variables = layer.trainable_variables
+    dx, *dweights = tape.gradient(loss, [x, *variables])
+    return y, dx, dweights, variables
+
+
+def _jax_call_with_gradients(layer, x, upstream, training, mask):
+    import jax
+    import jax.numpy as jnp
+
+    if not layer.built:
+        layer.build(x.shape)
+    variables = layer.trainable_variables
+    trainable = [v.value for v in variables]
+    non_trainable = [v.value for v in layer.non_trainable_variables]
+
+    def loss_fn(x, trainable):
+        y, state = layer.stateless_call(
+            trainable, non_trainable, x, training=training, mask=mask
+        )
+        return jnp.sum(y.astype(upstream.dtype) * upstream), (y, state)
+
+    grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+    (_, (y, state)), (dx, dweights) = grad_fn(jnp.asarray(x), trainable)
+    for variable, value in zip(layer.non_trainable_variables, state, strict=True):
+        variable.assign(value)
+    return y, dx, dweights, variables
+
+
+def _call_with_gradients(layer, x, upstream, training=True, mask=None):
+    """Calls `layer` on `x` and differentiates `sum(outputs * upstream)`.
+
+    Returns NumPy `(outputs, d/dx, {weight name: d/dweight})` for the trainable
+    weights. The layer's state updates (moving statistics) are applied, as in
+    a plain call, on every backend: `tf.GradientTape` on TensorFlow,
+    `jax.grad` over `layer.stateless_call` on JAX.
+    """
+    upstream = np.asarray(upstream, np.float32)
+    if BACKEND == "tensorflow":
+        impl = _tf_call_with_gradients
+    elif BACKEND == "jax":
+        impl = _jax_call_with_gradients
+    else:
+        pytest.skip(f"No gradient helper for the {BACKEND} backend.")
+    y, dx, dweights, variables = impl(layer, x, upstream, training, mask)
+    grads = {
+        v.name: keras.ops.convert_to_numpy(g)
+        for v, g in zip(variables, dweights, strict=True)
+    }
+    return keras.ops.convert_to_numpy(y), keras.ops.convert_to_numpy(dx), grads
+
+
+@pytest.fixture
+def call_with_gradients():
+    """`f(layer, x, upstream, training=True, mask=None) -> (y, dx, grads)`.
+
+    Differentiates `sum(y * upstream)` on TensorFlow and JAX alike; see
+    `_call_with_gradients`.
+    """
+    return _call_with_gradients
+
+
+@pytest.fixture
+def set_random_weights(rng):
+    """`f(layer, input_shape) -> {name: float64 array}`: builds `layer` and
+    gives every float weight a random, valid value (variances positive), so
+    that a test cannot pass by relying on the initializers.
+    """
+
+    def assign(layer, input_shape):
+        if not layer.built:
+            layer.build(input_shape)
+        values = {}
+        for variable in layer.weights:
+            if "int" in variable.dtype:
+                continue
+            shape = variable.shape
+            if variable.name in ("gamma", "moving_variance"):
+                value = rng.uniform(0.5, 2.0, shape)
+            elif variable.name in ("moving_stddev", "renorm_stddev"):
+                value = rng.uniform(0.7, 1.4, shape)
+            else:
+                value = rng.normal(0.0, 1.0, shape)
+            variable.assign(value.astype(variable.dtype))
+            values[variable.name] = keras.ops.convert_to_numpy(variable).astype(
+                np.float64
+            )
+        return values
+
+    return assign
