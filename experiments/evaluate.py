@@ -65,9 +65,9 @@ def summarize_activations(values):
     )
 
 
-def _accuracy(logits, labels):
+def _correct(logits, labels):
     predictions = ops.cast(ops.argmax(logits, axis=-1), labels.dtype)
-    return ops.mean(ops.cast(predictions == labels, "float32"))
+    return ops.sum(ops.cast(predictions == labels, "int32"))
 
 
 class Evaluator:
@@ -90,9 +90,9 @@ class Evaluator:
         plain = forward(self.networks.plain, self.x)[POPULATION]
         bn = forward(self.networks.bn, self.x, modes=(POPULATION, BATCH_STATS))
         return {
-            "accuracy_plain": _accuracy(plain[0], self.y),
-            "accuracy_bn_population": _accuracy(bn[POPULATION][0], self.y),
-            "accuracy_bn_batch_stats": _accuracy(bn[BATCH_STATS][0], self.y),
+            "accuracy_plain": _correct(plain[0], self.y),
+            "accuracy_bn_population": _correct(bn[POPULATION][0], self.y),
+            "accuracy_bn_batch_stats": _correct(bn[BATCH_STATS][0], self.y),
             "activations_plain": summarize_activations(
                 tf.gather(plain[1], self.neurons, axis=1)
             ),
@@ -102,7 +102,11 @@ class Evaluator:
         }
 
     def __call__(self):
-        return {key: value.numpy() for key, value in self._evaluate().items()}
+        values = {key: value.numpy() for key, value in self._evaluate().items()}
+        for key in values:
+            if key.startswith("accuracy"):
+                values[key] = int(values[key]) / len(self.y)
+        return values
 
 
 def single_example_check(model, x_test, y_test, first=100):

@@ -1,0 +1,81 @@
+"""Tests for experiments.config: defaults, TOML overrides, --set, errors."""
+
+from pathlib import Path
+
+import pytest
+
+from experiments.config import CONFIG_DIR, DEFAULTS, ConfigError, load_config
+
+SHIPPED = sorted(CONFIG_DIR.glob("*.toml"))
+
+
+def test_defaults_are_the_figure_1_setting():
+    config = load_config()
+    assert config == DEFAULTS
+    assert config["hidden_units"] == [100, 100]
+    assert config["steps"] == 40000 and config["batch_size"] == 60
+    assert config["learning_rate"] == 0.01 and config["bn_momentum"] == 0.999
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_shipped_configs_load_and_only_override(path):
+    config = load_config(path)
+    assert set(config) == set(DEFAULTS)
+    assert config != DEFAULTS
+
+
+def test_file_then_set_overrides(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("steps = 100\neval_every = 10\nhidden_units = [7]\n")
+    config = load_config(path, ["steps=200", "bn_impl=keras", "learning_rate=1"])
+    assert config["steps"] == 200
+    assert config["eval_every"] == 10
+    assert config["hidden_units"] == [7]
+    assert config["bn_impl"] == "keras"
+    assert config["learning_rate"] == 1.0 and isinstance(config["learning_rate"], float)
+
+
+def test_set_parses_toml_values():
+    config = load_config(overrides=["hidden_units=[50, 40]", 'data_source="vendored"'])
+    assert config["hidden_units"] == [50, 40]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["stepz=10"], "unknown config key 'stepz'"),
+        (["steps=ten"], "'steps' in --set steps=ten must be of type int"),
+        (["steps=1.5"], "must be of type int"),
+        (["learning_rate=true"], "must be of type float"),
+        (["hidden_units=[1.5]"], "list of integers"),
+        (["bn_impl=torch"], "must be one of ('bn_keras', 'keras')"),
+        (["steps"], "--set expects key=value"),
+        (["steps=0"], "'steps' must be positive"),
+        (["steps=120"], "multiple of 'eval_every'"),
+        (["neurons=[100]"], "'neurons' must name neurons of the last hidden layer"),
+        (["bn_momentum=1.5"], "'bn_momentum' must be in [0, 1]"),
+        (["bn_epsilon=0.0"], "'bn_epsilon' must be positive"),
+        (["data_dir=/tmp"], "data_source='dir'"),
+    ],
+)
+def test_bad_overrides_are_errors(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=overrides)
+    assert message in str(info.value)
+
+
+def test_bad_files_are_errors(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("steps = \n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(broken)
+    unknown = tmp_path / "unknown.toml"
+    unknown.write_text("lr = 0.1\n")
+    with pytest.raises(ConfigError, match=f"unknown config key 'lr' in {unknown}"):
+        load_config(unknown)
+
+
+def test_config_dir_is_the_repository_folder():
+    assert CONFIG_DIR == Path(__file__).resolve().parents[1] / "configs"
