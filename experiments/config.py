@@ -32,6 +32,8 @@ DEFAULTS = {
     # Data: "vendored" (data/mnist), "dir" (data_dir), or "tfds".
     "data_source": "vendored",
     "data_dir": "",
+    # Check the MD5 of each IDX file against the published sums.
+    "data_verify": True,
     # Use only the first N training / test examples (0: all); for smoke tests.
     "train_examples": 0,
     "test_examples": 0,

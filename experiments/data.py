@@ -226,7 +226,8 @@ def _read_checked(
             raise DataError(
                 f"{path}: MD5 of the decompressed data is {digest}, expected "
                 f"{md5}, so the file is modified or corrupt; re-download it, or "
-                "load with verify=False to accept a re-encoded copy"
+                "accept a modified copy with --set data_verify=false (in Python: "
+                "verify=False)"
             )
     return path, array
 

@@ -34,7 +34,9 @@ def prepare_output_dir(out_dir):
 
 
 def load_data(config):
-    data = load_mnist(config["data_source"], config["data_dir"] or None)
+    data = load_mnist(
+        config["data_source"], config["data_dir"] or None, verify=config["data_verify"]
+    )
     train, test = config["train_examples"] or None, config["test_examples"] or None
     return type(data)(
         data.x_train[:train],
