@@ -41,6 +41,20 @@ DEFAULTS = {
     "loop": "fast",
 }
 
+# The population-statistics study (experiments.population_study) adds:
+STUDY_DEFAULTS = {
+    **DEFAULTS,
+    # Training batches over which precise BN recomputes the statistics.
+    "precise_bn_batches": 50,
+}
+
+# The learning-rate sweep (experiments.lr_sweep) adds:
+SWEEP_DEFAULTS = {
+    **DEFAULTS,
+    "learning_rates": [0.01, 0.03, 0.1, 0.3, 1.0],
+    "seeds": [0, 1, 2],
+}
+
 CHOICES = {
     "bn_impl": ("bn_keras", "keras"),
     "data_source": ("vendored", "dir", "tfds"),
@@ -54,16 +68,17 @@ class ConfigError(ValueError):
     """A config file or override that cannot be used; the message says why."""
 
 
-def load_config(path=None, overrides=()):
-    """Returns the defaults, updated by the TOML file at `path` and `overrides`.
+def load_config(path=None, overrides=(), defaults=DEFAULTS):
+    """Returns `defaults`, updated by the TOML file at `path` and `overrides`.
 
     Args:
         path: Optional path of a TOML file of `key = value` lines.
         overrides: `key=value` strings; values are parsed as TOML values
             (`steps=100`, `hidden_units=[50, 50]`, `bn_impl="keras"`), and a
             bare word is taken as a string (`bn_impl=keras`).
+        defaults: The experiment's defaults; they define the known keys.
     """
-    config = dict(DEFAULTS)
+    config = dict(defaults)
     if path is not None:
         path = Path(path)
         try:
@@ -77,10 +92,10 @@ def load_config(path=None, overrides=()):
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
         for key, value in values.items():
-            config[key] = _checked(key, value, f"in {path}")
+            config[key] = _checked(key, value, f"in {path}", defaults)
     for item in overrides:
         key, value = _parse_override(item)
-        config[key] = _checked(key, value, f"in --set {item}")
+        config[key] = _checked(key, value, f"in --set {item}", defaults)
     _validate(config)
     return config
 
@@ -97,13 +112,13 @@ def _parse_override(item):
     return key, value
 
 
-def _checked(key, value, where):
-    if key not in DEFAULTS:
+def _checked(key, value, where, defaults):
+    if key not in defaults:
         raise ConfigError(
             f"unknown config key {key!r} {where}; known keys: "
-            f"{', '.join(sorted(DEFAULTS))}"
+            f"{', '.join(sorted(defaults))}"
         )
-    default = DEFAULTS[key]
+    default = defaults[key]
     if (
         isinstance(default, float)
         and isinstance(value, int)
@@ -116,19 +131,25 @@ def _checked(key, value, where):
             f"{type(default).__name__} (like {json.dumps(default)}). "
             f"Received: {value!r}"
         )
-    if isinstance(default, list) and not all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value
-    ):
-        raise ConfigError(
-            f"config key {key!r} {where} must be a list of integers. "
-            f"Received: {value!r}"
-        )
+    if isinstance(default, list):
+        value = _checked_list(key, value, where, type(default[0]))
     if key in CHOICES and value not in CHOICES[key]:
         raise ConfigError(
             f"config key {key!r} {where} must be one of {CHOICES[key]}. "
             f"Received: {value!r}"
         )
     return value
+
+
+def _checked_list(key, values, where, kind):
+    if kind is float:
+        values = [float(v) if type(v) is int else v for v in values]
+    if not values or not all(type(v) is kind for v in values):
+        raise ConfigError(
+            f"config key {key!r} {where} must be a non-empty list of "
+            f"{'integers' if kind is int else 'numbers'}. Received: {values!r}"
+        )
+    return values
 
 
 def _validate(config):
@@ -139,7 +160,7 @@ def _validate(config):
             raise ConfigError(
                 f"config key {key!r} must be positive. Received: {config[key]!r}"
             )
-    if not config["hidden_units"] or min(config["hidden_units"]) < 1:
+    if min(config["hidden_units"]) < 1:
         raise ConfigError(
             "config key 'hidden_units' must list at least one positive layer "
             f"size. Received: {config['hidden_units']!r}"
@@ -156,7 +177,7 @@ def _validate(config):
         )
     last = config["hidden_units"][-1]
     bad = [n for n in config["neurons"] if not 0 <= n < last]
-    if bad or not config["neurons"]:
+    if bad:
         raise ConfigError(
             f"config key 'neurons' must name neurons of the last hidden layer, "
             f"0 to {last - 1}. Received: {config['neurons']!r}"
@@ -171,6 +192,16 @@ def _validate(config):
             raise ConfigError(
                 f"config key {key!r} must be >= 0 (0: all). Received: {config[key]!r}"
             )
+    if min(config.get("learning_rates", [1.0])) <= 0:
+        raise ConfigError(
+            f"config key 'learning_rates' must be positive. Received: "
+            f"{config['learning_rates']!r}"
+        )
+    if config.get("precise_bn_batches", 1) < 1:
+        raise ConfigError(
+            f"config key 'precise_bn_batches' must be positive. Received: "
+            f"{config['precise_bn_batches']!r}"
+        )
     if config["data_source"] == "vendored" and config["data_dir"]:
         raise ConfigError(
             "config key 'data_dir' is set but 'data_source' is 'vendored'; use "

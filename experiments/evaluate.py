@@ -65,7 +65,7 @@ def summarize_activations(values):
     )
 
 
-def _correct(logits, labels):
+def correct(logits, labels):
     predictions = ops.cast(ops.argmax(logits, axis=-1), labels.dtype)
     return ops.sum(ops.cast(predictions == labels, "int32"))
 
@@ -90,9 +90,9 @@ class Evaluator:
         plain = forward(self.networks.plain, self.x)[POPULATION]
         bn = forward(self.networks.bn, self.x, modes=(POPULATION, BATCH_STATS))
         return {
-            "accuracy_plain": _correct(plain[0], self.y),
-            "accuracy_bn_population": _correct(bn[POPULATION][0], self.y),
-            "accuracy_bn_batch_stats": _correct(bn[BATCH_STATS][0], self.y),
+            "accuracy_plain": correct(plain[0], self.y),
+            "accuracy_bn_population": correct(bn[POPULATION][0], self.y),
+            "accuracy_bn_batch_stats": correct(bn[BATCH_STATS][0], self.y),
             "activations_plain": summarize_activations(
                 tf.gather(plain[1], self.neurons, axis=1)
             ),

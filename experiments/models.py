@@ -16,65 +16,63 @@ class Networks(NamedTuple):
     bn: keras.Model
 
 
-def build_mlp(
-    hidden_units,
-    batch_norm,
-    bn_impl="bn_keras",
-    momentum=0.999,
-    epsilon=1e-3,
-    name=None,
-):
+def build_mlp(hidden_units, batch_norm=None, name="mlp"):
     """A 784-...-10 sigmoid MLP that outputs logits.
 
     Without batch norm each hidden layer is `Dense (with bias) -> sigmoid`.
     With it, `Dense (no bias) -> BN -> sigmoid`: BN's beta takes the bias'
     role, as in the paper. The sigmoid is its own layer, so that its input
     (what Figure 1 (b, c) plots) can be read off.
+
+    Args:
+        hidden_units: Sizes of the hidden layers.
+        batch_norm: None, or a function of a layer name returning a new BN
+            layer (see `batch_norm_factory`).
+        name: The model's name.
     """
     layers = [keras.Input((NUM_PIXELS,), name="pixels")]
     for i, units in enumerate(hidden_units, start=1):
         layers.append(
-            keras.layers.Dense(units, use_bias=not batch_norm, name=f"dense_{i}")
+            keras.layers.Dense(units, use_bias=batch_norm is None, name=f"dense_{i}")
         )
-        if batch_norm:
-            layers.append(_batch_norm(bn_impl, momentum, epsilon, name=f"bn_{i}"))
+        if batch_norm is not None:
+            layers.append(batch_norm(f"bn_{i}"))
         layers.append(keras.layers.Activation("sigmoid", name=f"sigmoid_{i}"))
     layers.append(keras.layers.Dense(NUM_CLASSES, name="logits"))
-    return keras.Sequential(layers, name=name or ("bn" if batch_norm else "plain"))
+    return keras.Sequential(layers, name=name)
 
 
-def _batch_norm(impl, momentum, epsilon, name):
-    if impl == "bn_keras":
-        return bn_keras.BatchNorm(momentum=momentum, epsilon=epsilon, name=name)
-    if impl == "keras":
-        return keras.layers.BatchNormalization(
-            momentum=momentum, epsilon=epsilon, name=name
+def batch_norm_factory(config, **options):
+    """Returns `name -> BN layer` for the config's `bn_impl`, momentum, epsilon.
+
+    `options` are extra `bn_keras.BatchNorm` arguments (`debias=True`, ...),
+    and may override `momentum`.
+    """
+    kwargs = {"momentum": config["bn_momentum"], "epsilon": config["bn_epsilon"]}
+    kwargs.update(options)
+    if config["bn_impl"] == "bn_keras":
+        return lambda name: bn_keras.BatchNorm(name=name, **kwargs)
+    if options.keys() - {"momentum"}:
+        raise ValueError(
+            f"keras.layers.BatchNormalization has no options {sorted(options)}; "
+            "use bn_impl='bn_keras'"
         )
-    raise ValueError(f"bn_impl must be 'bn_keras' or 'keras'. Received: {impl!r}")
+    return lambda name: keras.layers.BatchNormalization(name=name, **kwargs)
 
 
-def build_networks(config):
-    """Both networks, their Dense kernels from the same N(0, stddev) draw.
+def initialize(models, config):
+    """Gives every model's Dense kernels the same N(0, init_stddev) draw.
 
-    Biases start at zero, BN at gamma=1, beta=0, so both networks compute
+    Biases start at zero, BN at gamma=1, beta=0, so all the networks compute
     the same pre-activations `x W` at the start.
     """
-    seed = config["seed"]
-    plain = build_mlp(config["hidden_units"], batch_norm=False)
-    bn = build_mlp(
-        config["hidden_units"],
-        batch_norm=True,
-        bn_impl=config["bn_impl"],
-        momentum=config["bn_momentum"],
-        epsilon=config["bn_epsilon"],
-    )
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(config["seed"])
     sizes = [NUM_PIXELS, *config["hidden_units"], NUM_CLASSES]
     kernels = [
-        (config["init_stddev"] * rng.standard_normal((n_in, n_out))).astype("float32")
-        for n_in, n_out in zip(sizes[:-1], sizes[1:], strict=True)
+        (config["init_stddev"] * rng.standard_normal(shape)).astype("float32")
+        for shape in zip(sizes[:-1], sizes[1:], strict=True)
     ]
-    for model in (plain, bn):
+    for model in models:
         dense = [
             layer for layer in model.layers if isinstance(layer, keras.layers.Dense)
         ]
@@ -82,7 +80,17 @@ def build_networks(config):
             layer.kernel.assign(kernel)
             if layer.use_bias:
                 layer.bias.assign(np.zeros(layer.bias.shape, "float32"))
-    return Networks(plain=plain, bn=bn)
+    return models
+
+
+def build_networks(config):
+    """The plain and the BN network of Figure 1, from the same initial draw."""
+    networks = Networks(
+        plain=build_mlp(config["hidden_units"], name="plain"),
+        bn=build_mlp(config["hidden_units"], batch_norm_factory(config), name="bn"),
+    )
+    initialize(networks, config)
+    return networks
 
 
 def is_batch_norm(layer):

@@ -111,3 +111,84 @@ def _means(metrics):
     axes[0].set_ylabel("Mean sigmoid input")
     axes[1].legend(loc="best", fontsize="small")
     return fig
+
+
+STUDY_STYLES = {
+    "plain": ("Without BN", "tab:blue", "-"),
+    "ema": ("EMA (momentum 0.999)", "tab:red", "-"),
+    "debiased_ema": ("Debiased EMA", "tab:orange", "-"),
+    "cumulative": ("Cumulative average", "tab:green", "-"),
+    "precise": ("Precise BN", "tab:purple", "-"),
+    "batch_stats": ("Test-set batch statistics", "black", ":"),
+}
+
+
+def plot_population_study(metrics_path, out_dir=None):
+    """The study's figure: accuracy by population-statistics source."""
+    metrics_path = Path(metrics_path)
+    out_dir = Path(out_dir) if out_dir is not None else metrics_path.parent
+    metrics = json.loads(metrics_path.read_text())
+    steps = np.asarray(metrics["steps"])
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    early = steps <= min(2000, steps[-1])
+    for ax, keep, title in zip(
+        axes, (early, steps >= 0), ("First 2,000 steps", "Whole run"), strict=True
+    ):
+        for name, curve in metrics["accuracy"].items():
+            label, color, style = STUDY_STYLES.get(name, (name, None, "-"))
+            ax.plot(
+                steps[keep],
+                np.asarray(curve)[keep],
+                style,
+                color=color,
+                label=label,
+                linewidth=1.2,
+            )
+        ax.set_title(title)
+        ax.set_xlabel("Training steps")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("Test accuracy (inference)")
+    axes[1].set_ylim(0.8, 1.0)
+    axes[0].legend(loc="lower right", fontsize="small")
+    fig.suptitle("BN network: where the population statistics come from")
+    path = out_dir / "population_study.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_lr_sweep(metrics_path, out_dir=None):
+    """Final test accuracy against learning rate: mean over seeds, min to max."""
+    metrics_path = Path(metrics_path)
+    out_dir = Path(out_dir) if out_dir is not None else metrics_path.parent
+    metrics = json.loads(metrics_path.read_text())
+    entries = metrics["by_learning_rate"]
+    rates = np.array([e["learning_rate"] for e in entries])
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for key, label, color in (
+        ("plain", "Without BN", "tab:blue"),
+        ("bn", "With BN", "tab:red"),
+    ):
+        mean = np.array([e[key]["mean"] for e in entries])
+        low = np.array([e[key]["min"] for e in entries])
+        high = np.array([e[key]["max"] for e in entries])
+        ax.errorbar(
+            rates,
+            mean,
+            yerr=[mean - low, high - mean],
+            marker="o",
+            capsize=3,
+            color=color,
+            label=f"{label} (mean, min to max)",
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("Learning rate (SGD on the loss summed over the mini-batch)")
+    ax.set_ylabel("Final test accuracy")
+    seeds = len(metrics["config"]["seeds"])
+    ax.set_title(f"{metrics['config']['steps']} steps, {seeds} seeds per point")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(loc="lower left")
+    path = out_dir / "lr_sweep.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path

@@ -89,7 +89,7 @@ class Trainer:
 
 
 def train_and_evaluate(networks, data, config, evaluate, progress=True):
-    """Trains both networks, evaluating every `eval_every` steps and at step 0.
+    """Trains the networks, evaluating every `eval_every` steps and at step 0.
 
     Returns the evaluation records, one dict per evaluation with `step`,
     the evaluator's values and the mean training loss since the last one.
@@ -105,13 +105,13 @@ def train_and_evaluate(networks, data, config, evaluate, progress=True):
         config["learning_rate"],
         config["loop"],
     )
-    records = [{"step": 0, **evaluate(), "train_loss": [float("nan")] * 2}]
+    records = [{"step": 0, **evaluate(), "train_loss": [float("nan")] * len(networks)}]
     every = config["eval_every"]
     with tqdm(
         total=config["steps"],
         unit="step",
         disable=not progress,
-        desc="training both networks",
+        desc=f"training {len(networks)} networks",
     ) as bar:
         for start in range(0, config["steps"], every):
             loss = trainer.train(start, start + every)
@@ -119,8 +119,11 @@ def train_and_evaluate(networks, data, config, evaluate, progress=True):
             records.append(record)
             bar.update(every)
             bar.set_postfix(
-                plain=f"{record['accuracy_plain']:.4f}",
-                bn=f"{record['accuracy_bn_population']:.4f}",
+                {
+                    key.removeprefix("accuracy_"): f"{value:.4f}"
+                    for key, value in record.items()
+                    if key.startswith("accuracy_")
+                },
                 refresh=False,
             )
     return records

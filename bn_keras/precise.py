@@ -1,0 +1,171 @@
+"""Precise BN: population statistics recomputed from training data after training."""
+
+import itertools
+
+import keras
+import numpy as np
+from keras import ops
+from tqdm.auto import tqdm
+
+from bn_keras.batch_norm import BatchNorm
+
+
+def batch_norm_layers(model):
+    """Every batch-normalization layer in `model` (ours and Keras'), in order."""
+    types = (BatchNorm, keras.layers.BatchNormalization)
+    return [
+        layer
+        for layer in model._flatten_layers(include_self=False, recursive=True)
+        if isinstance(layer, types)
+    ]
+
+
+def recompute_statistics(model, data, batch_size=None, steps=None, progress=True):
+    """Recomputes every BN layer's `moving_mean` and `moving_variance` exactly.
+
+    "Precise BN" (Wu & Johnson, 2021): with all weights frozen, the model runs
+    in training mode over `steps` batches of `data`, each BN layer's batch
+    mean and variance are collected, and its population statistics are set to
+    the statistics of all the values it saw: the mean of the batch means and
+    the pooled variance (the mean of the batch variances plus the variance of
+    the batch means, combined with Chan's parallel update in float64). When
+    the batches cover a dataset once, these are exactly that dataset's mean and
+    variance of each BN layer's input. An EMA instead weighs recent batches,
+    taken with older weights, and lags behind the network early in training.
+
+    Nothing but the population statistics changes: the model runs statelessly,
+    so trainable weights, other non-trainable weights (counters, renorm
+    statistics) and the optimizer are untouched.
+
+    Args:
+        model: A built Keras model holding `bn_keras.BatchNorm` or
+            `keras.layers.BatchNormalization` layers, at any depth.
+        data: A `tf.data.Dataset` or any iterable of batches (each an input
+            array or a tuple whose first element is the input), or a NumPy
+            array / tensor of inputs, split into batches of `batch_size`.
+        batch_size: Batch size for array `data`; the statistics are those of
+            training, so use the training batch size.
+        steps: Number of batches to use (default: all of `data`).
+        progress: Show a progress bar.
+
+    Returns:
+        `{layer name: (mean, variance)}`, the NumPy values assigned.
+
+    Reference:
+        - [Ioffe & Szegedy, 2015](https://arxiv.org/abs/1502.03167),
+          Algorithm 2: population statistics over training mini-batches.
+        - [Wu & Johnson, 2021](https://arxiv.org/abs/2105.07576),
+          "Rethinking 'Batch' in BatchNorm", Section 3.
+    """
+    layers = batch_norm_layers(model)
+    if not layers:
+        raise ValueError(
+            f"Model {model.name!r} has no batch-normalization layer to recompute."
+        )
+    if not model.built:
+        raise ValueError(f"Model {model.name!r} must be built before recomputing.")
+    if steps is not None and steps < 1:
+        raise ValueError(f"`steps` must be a positive integer. Received: steps={steps}")
+    batches = _batches(data, batch_size)
+    if steps is not None:
+        batches = itertools.islice(batches, steps)
+
+    position = {id(v): i for i, v in enumerate(model.non_trainable_variables)}
+    slots = [
+        (position[id(layer.moving_mean)], position[id(layer.moving_variance)])
+        for layer in layers
+    ]
+    trainable = [v.value for v in model.trainable_variables]
+    non_trainable = [v.value for v in model.non_trainable_variables]
+    totals = [_Pooled() for _ in layers]
+    saved = [_capture_batch_statistics(layer) for layer in layers]
+    try:
+        for x in tqdm(batches, total=steps, disable=not progress, desc="precise BN"):
+            _, state = model.stateless_call(trainable, non_trainable, x, training=True)
+            examples = int(ops.shape(x)[0])
+            for total, (mean_at, variance_at) in zip(totals, slots, strict=True):
+                total.add(examples, state[mean_at], state[variance_at])
+    finally:
+        for layer, attributes in zip(layers, saved, strict=True):
+            for name, value in attributes.items():
+                setattr(layer, name, value)
+    if totals[0].count == 0:
+        raise ValueError("`data` yielded no batch: nothing to recompute from.")
+
+    result = {}
+    for layer, total in zip(layers, totals, strict=True):
+        mean, variance = total.mean, total.variance
+        layer.moving_mean.assign(mean.astype("float32"))
+        layer.moving_variance.assign(variance.astype("float32"))
+        if getattr(layer, "renorm", False):
+            # Keras derives moving_variance from moving_stddev under renorm.
+            layer.moving_stddev.assign(
+                np.sqrt(variance + layer.epsilon).astype("float32")
+            )
+        result[layer.name] = (mean, variance)
+    return result
+
+
+def _capture_batch_statistics(layer):
+    """Makes `layer`'s training-mode update write the batch statistics.
+
+    With momentum 0 the moving statistics become exactly this batch's mean and
+    variance. Returns the attributes to restore.
+    """
+    names = ["momentum"]
+    if isinstance(layer, BatchNorm):
+        names += ["debias", "unbiased_variance"]
+    saved = {name: getattr(layer, name) for name in names}
+    layer.momentum = 0.0
+    if isinstance(layer, BatchNorm):
+        layer.debias = False
+        layer.unbiased_variance = False
+    return saved
+
+
+class _Pooled:
+    """Mean and variance of all values, from per-batch moments (Chan et al.)."""
+
+    def __init__(self):
+        self.count = 0
+        self.mean = None
+        self.m2 = None
+
+    def add(self, count, mean, variance):
+        mean = np.asarray(mean, dtype="float64")
+        m2 = np.asarray(variance, dtype="float64") * count
+        if self.count == 0:
+            self.count, self.mean, self.m2 = count, mean, m2
+            return
+        total = self.count + count
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (count / total)
+        self.m2 = self.m2 + m2 + delta**2 * (self.count * count / total)
+        self.count = total
+
+    @property
+    def variance(self):
+        return self.m2 / self.count
+
+
+def _batches(data, batch_size):
+    """Yields input batches from a dataset, an iterable or an array."""
+    if hasattr(data, "shape") and hasattr(data, "dtype"):
+        if batch_size is None:
+            raise ValueError(
+                "`batch_size` is needed to split an array into batches; use the "
+                "training batch size."
+            )
+        for start in range(0, data.shape[0], batch_size):
+            # A last batch of one example has no spread to measure (BatchNorm
+            # refuses it in training mode); it is left out.
+            if data.shape[0] - start > 1 or start == 0:
+                yield data[start : start + batch_size]
+        return
+    if batch_size is not None:
+        raise ValueError(
+            "`batch_size` applies to array data only; batch the dataset itself. "
+            f"Received: batch_size={batch_size}"
+        )
+    for batch in data:
+        yield batch[0] if isinstance(batch, (tuple, list)) else batch
