@@ -128,10 +128,10 @@ class BatchNorm(keras.layers.Layer):
         super().__init__(**kwargs)
         self.axis = _validate_axis(axis)
         self.momentum = _validate_momentum(momentum, "momentum", allow_none=True)
-        self.epsilon = float(epsilon)
-        if not self.epsilon > 0:
+        self.epsilon = _to_float(epsilon, "epsilon")
+        if not 0 < self.epsilon < math.inf:
             raise ValueError(
-                f"`epsilon` must be a positive float. Received: epsilon={epsilon}"
+                f"`epsilon` must be a positive float. Received: epsilon={epsilon!r}"
             )
         self.center = bool(center)
         self.scale = bool(scale)
@@ -168,18 +168,7 @@ class BatchNorm(keras.layers.Layer):
                 "statistics never move). Received: momentum=1.0, debias=True"
             )
         self.unbiased_variance = bool(unbiased_variance)
-        if virtual_batch_size is not None:
-            if (
-                isinstance(virtual_batch_size, bool)
-                or int(virtual_batch_size) != virtual_batch_size
-                or virtual_batch_size < 1
-            ):
-                raise ValueError(
-                    "`virtual_batch_size` must be a positive integer or None. "
-                    f"Received: virtual_batch_size={virtual_batch_size!r}"
-                )
-            virtual_batch_size = int(virtual_batch_size)
-        self.virtual_batch_size = virtual_batch_size
+        self.virtual_batch_size = _validate_virtual_batch_size(virtual_batch_size)
         self.supports_masking = True
 
         self.gamma = None
@@ -318,10 +307,14 @@ class BatchNorm(keras.layers.Layer):
                 weights = ops.reshape(weights, ghost_shape)
             reduction_axes = tuple(a + 1 for a in reduction_axes)
             broadcast_shape = (1,) + broadcast_shape
-        else:
-            self._check_several_values(x, mask)
+        self._check_several_values(x, reduction_axes)
 
-        mean, variance, count = _moments(x, reduction_axes, weights, self.synchronized)
+        # The output is folded around the shift too: `(x - shift) * a + b`
+        # adds no op and avoids cancelling large terms when the mean is large.
+        x, shifted_mean, variance, count, shift = _moments(
+            x, reduction_axes, weights, self.synchronized
+        )
+        mean = shifted_mean + shift
         gamma = self._param(self.gamma, x, broadcast_shape)
         beta = self._param(self.beta, x, broadcast_shape)
         if self.renorm:
@@ -331,15 +324,50 @@ class BatchNorm(keras.layers.Layer):
             beta = d if beta is None else d + beta
             gamma = r if gamma is None else r * gamma
         self._update_statistics(
-            self._to_param_shape(mean, ghosts),
-            self._to_param_shape(variance, ghosts),
-            self._count(x, reduction_axes, count, ghosts),
+            *self._population_update(x, reduction_axes, mean, variance, count)
         )
-        multiplier, offset = _fold(mean, variance, gamma, beta, self.epsilon)
+        multiplier, offset = _fold(shifted_mean, variance, gamma, beta, self.epsilon)
         outputs = x * multiplier + offset
         if ghosts is not None:
             outputs = ops.reshape(outputs, shape)
         return outputs
+
+    def _population_update(self, x, reduction_axes, mean, variance, count):
+        """The batch's contribution to the population statistics.
+
+        Returns `(mean, variance, active)` in the weights' shape: with ghost
+        batches, the average over the sub-batches that hold a value; the
+        variance with the Bessel factor of each (sub-)batch if
+        `unbiased_variance`; `active` (None without a mask) is False for
+        features without any unmasked value, which keep their statistics.
+        """
+        masked = count is not None
+        if self.unbiased_variance:
+            n = count
+            if not masked:
+                sizes = [x.shape[a] for a in reduction_axes]
+                if None in sizes:
+                    sizes = [ops.shape(x)[a] for a in reduction_axes]
+                n = _product(sizes)
+            variance = variance * _bessel_factor(n)
+        active = None
+        if self.virtual_batch_size is not None:
+            if masked:
+                filled = ops.cast(count > 0.0, mean.dtype)
+                total = ops.maximum(ops.sum(filled, axis=0), 1.0)
+                mean = ops.sum(mean * filled, axis=0) / total
+                variance = ops.sum(variance * filled, axis=0) / total
+                count = ops.sum(count, axis=0)
+            else:
+                mean = ops.mean(mean, axis=0)
+                variance = ops.mean(variance, axis=0)
+        if masked:
+            active = ops.reshape(count, self._param_shape) > 0.0
+        return (
+            ops.reshape(mean, self._param_shape),
+            ops.reshape(variance, self._param_shape),
+            active,
+        )
 
     def _renorm_correction(self, mean, variance, broadcast_shape):
         stddev = ops.sqrt(variance + self.epsilon)
@@ -362,29 +390,8 @@ class BatchNorm(keras.layers.Layer):
             d = ops.clip(d, -clipping["dmax"], clipping["dmax"])
         return ops.stop_gradient(r), ops.stop_gradient(d)
 
-    def _count(self, x, reduction_axes, count, ghosts):
-        """Values per feature behind the statistics: a tensor, a float or None.
-
-        Only needed for masks (a feature may have none) and for the unbiased
-        variance; the default path carries no extra ops.
-        """
-        if count is not None:
-            return self._to_param_shape(count, ghosts, reduce="sum")
-        if not self.unbiased_variance:
-            return None
-        sizes = [x.shape[a] for a in reduction_axes]
-        if None in sizes:
-            sizes = [ops.shape(x)[a] for a in reduction_axes]
-        n = _product(sizes)
-        # With ghost batches, each statistic is over one sub-batch.
-        return ops.cast(n, "float32") if not isinstance(n, int) else float(n)
-
-    def _update_statistics(self, mean, variance, count):
-        if self.unbiased_variance:
-            variance = variance * _bessel_factor(count)
-        weight, keep = self._update_weight()
-        # A feature with no unmasked value in this batch keeps its statistics.
-        active = None if count is None or isinstance(count, float) else count > 0.0
+    def _update_statistics(self, mean, variance, active):
+        weight, keep = self._update_weight(active)
         if self.renorm:
             stddev = ops.sqrt(variance + self.epsilon)
             momentum = self.renorm_momentum
@@ -393,22 +400,29 @@ class BatchNorm(keras.layers.Layer):
             _average_into(self.moving_mean, mean, weight, keep, active)
             new_stddev = _average_into(self.moving_stddev, stddev, weight, keep, active)
             # ReLU guards against rounding making the variance negative.
-            self.moving_variance.assign(
-                ops.relu(new_stddev * new_stddev - self.epsilon)
-            )
+            new_variance = ops.relu(new_stddev * new_stddev - self.epsilon)
+            if active is not None:
+                new_variance = ops.where(
+                    active, new_variance, ops.cast(self.moving_variance, mean.dtype)
+                )
+            self.moving_variance.assign(new_variance)
         else:
             _average_into(self.moving_mean, mean, weight, keep, active)
             _average_into(self.moving_variance, variance, weight, keep, active)
 
-    def _update_weight(self):
+    def _update_weight(self, active):
         """`(w, 1 - w)` for the update `moving = (1 - w) * moving + w * stat`."""
         if not self._counts_batches:
             # Python floats: Keras' exact expression, bit for bit.
             return 1.0 - self.momentum, self.momentum
         t = ops.cast(self.num_batches, "float32") + 1.0
-        self.num_batches.assign(self.num_batches + 1)
+        # A batch without any unmasked value does not count.
+        seen = 1 if active is None else ops.cast(ops.any(active), "int32")
+        self.num_batches.assign(self.num_batches + seen)
         if self.momentum is None:
             weight = 1.0 / t
+        elif self.momentum == 0.0:
+            return 1.0, 0.0
         else:
             # 1 - m^t as -expm1(t log m): accurate in float32 when m is near 1,
             # so the first update gives exactly the first batch's statistics.
@@ -429,12 +443,6 @@ class BatchNorm(keras.layers.Layer):
             return value
         return ops.reshape(value, self._broadcast_shape)
 
-    def _to_param_shape(self, value, ghosts, reduce="mean"):
-        """Reduces a keepdims moment (and the ghost axis) to the weights' shape."""
-        if ghosts is not None:
-            value = (ops.mean if reduce == "mean" else ops.sum)(value, axis=0)
-        return ops.reshape(value, self._param_shape)
-
     def _mask_weights(self, mask, x):
         rank = len(x.shape)
         if len(mask.shape) != rank - len(self._axes):
@@ -448,14 +456,20 @@ class BatchNorm(keras.layers.Layer):
             weights = ops.expand_dims(weights, a)
         return ops.broadcast_to(weights, ops.shape(x))
 
-    def _check_several_values(self, x, mask):
-        sizes = [x.shape[a] for a in self._reduction_axes]
-        if mask is None and None not in sizes and _product(sizes) == 1:
+    def _check_several_values(self, x, reduction_axes):
+        sizes = [x.shape[a] for a in reduction_axes]
+        if None not in sizes and _product(sizes) == 1:
+            ghosts = self.virtual_batch_size
+            where = (
+                ""
+                if ghosts is None
+                else f" per ghost batch (virtual_batch_size={ghosts})"
+            )
             raise ValueError(
-                "BatchNorm in training mode got a single value per feature "
-                f"(input shape {tuple(x.shape)}, reduced over axes "
-                f"{self._reduction_axes}), so every output would equal beta. "
-                "Train with a batch of more than one example, or call the layer "
+                "BatchNorm in training mode got a single value per feature"
+                f"{where} (input shape {tuple(x.shape)}, reduced over axes "
+                f"{reduction_axes}), so every output would equal beta. Train "
+                "with a batch of more than one example, or call the layer "
                 "with training=False."
             )
 
@@ -517,37 +531,58 @@ def _average_into(variable, value, weight, keep, active=None):
     return new
 
 
-def _bessel_factor(count):
+def _bessel_factor(n):
     """`n / (n - 1)`, the unbiased-variance correction; 1 where n <= 1."""
-    if isinstance(count, float):
-        return count / (count - 1.0) if count > 1.0 else 1.0
-    return ops.where(count > 1.0, count / ops.maximum(count - 1.0, 1.0), 1.0)
+    if isinstance(n, int):
+        return n / (n - 1) if n > 1 else 1.0
+    n = ops.cast(n, "float32")
+    return ops.where(n > 1.0, n / ops.maximum(n - 1.0, 1.0), 1.0)
 
 
 def _moments(x, axes, weights=None, synchronized=False):
-    """Mean, biased variance and value count over `axes`, kept as size-1 dims.
-
-    The count is None without weights (it is then known from the shape).
+    """Moments over `axes`, kept as size-1 dims, around a shift.
 
     Two passes (the mean, then the mean squared deviation from it), as
-    `tf.nn.moments`: the variance is never negative and stays accurate when
-    the mean is large compared with the spread.
+    `tf.nn.moments`, so the variance is never negative.
+
+    Returns:
+        `(x - shift, mean - shift, variance, count, shift)`: the count is None
+        without weights (it is then known from the shape); the variance is
+        biased; the shift is a constant (no gradient) or 0.
     """
     if synchronized:
         replicas = _replica_context()
         if replicas is not None:
             return _synchronized_moments(x, axes, weights, replicas)
     if weights is None:
-        mean = ops.mean(x, axis=axes, keepdims=True)
-        variance = ops.mean(
-            ops.square(x - ops.stop_gradient(mean)), axis=axes, keepdims=True
+        # Moments of x - shift, the shift being one of the values: the sums
+        # then see deviations of the size of the spread, not of the mean, and
+        # stay accurate for a large mean (1e4 with std 1 in float32).
+        first = tuple(
+            slice(0, 1) if i in axes else slice(None) for i in range(len(x.shape))
         )
-        return mean, variance, None
+        shift = ops.stop_gradient(x[first])
+        deviations = x - shift
+        mean = ops.mean(deviations, axis=axes, keepdims=True)
+        squares = _squared_difference(deviations, ops.stop_gradient(mean))
+        variance = ops.mean(squares, axis=axes, keepdims=True)
+        return deviations, mean, variance, None, shift
+    # Masked entries may hold anything (padding): no shift taken from them.
     count = ops.sum(weights, axis=axes, keepdims=True)
     mean = ops.divide_no_nan(ops.sum(x * weights, axis=axes, keepdims=True), count)
-    deviation = weights * ops.square(x - ops.stop_gradient(mean))
-    variance = ops.divide_no_nan(ops.sum(deviation, axis=axes, keepdims=True), count)
-    return mean, variance, count
+    squares = weights * ops.square(x - ops.stop_gradient(mean))
+    variance = ops.divide_no_nan(ops.sum(squares, axis=axes, keepdims=True), count)
+    return x, mean, variance, count, 0.0
+
+
+def _squared_difference(x, y):
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        # One fused kernel, forward and backward, where ops.square(x - y)
+        # makes two passes over the tensor (as Keras does through tf.nn.moments).
+        return tf.math.squared_difference(x, y)
+    return ops.square(x - y)
 
 
 def _synchronized_moments(x, axes, weights, replicas):
@@ -567,7 +602,7 @@ def _synchronized_moments(x, axes, weights, replicas):
     squares = replicas.all_reduce(
         tf.distribute.ReduceOp.SUM, ops.sum(deviation, axis=axes, keepdims=True)
     )
-    return mean, ops.divide_no_nan(squares, count), count
+    return x, mean, ops.divide_no_nan(squares, count), count, 0.0
 
 
 def _replica_context():
@@ -632,13 +667,40 @@ def _resolve_axes(axis, rank, input_shape):
     return tuple(sorted(resolved))
 
 
+def _to_float(value, name):
+    """`float(value)`, or a ValueError that quotes the argument."""
+    if isinstance(value, bool):
+        value = None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"`{name}` must be a number. Received: {name}={value!r}"
+        ) from None
+
+
+def _validate_virtual_batch_size(value):
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        valid = False
+    else:
+        valid = value == int(value) and value >= 1
+    if not valid:
+        raise ValueError(
+            "`virtual_batch_size` must be a positive integer or None. "
+            f"Received: virtual_batch_size={value!r}"
+        )
+    return int(value)
+
+
 def _validate_momentum(momentum, name, allow_none=False):
     if momentum is None and allow_none:
         return None
     try:
-        value = float(momentum)
-    except (TypeError, ValueError):
-        value = float("nan")
+        value = _to_float(momentum, name)
+    except ValueError:
+        value = math.nan
     if not 0.0 <= value <= 1.0:
         hint = " or None (cumulative average)" if allow_none else ""
         raise ValueError(
@@ -661,7 +723,13 @@ def _validate_renorm_clipping(clipping):
             f"Unknown `renorm_clipping` keys {unknown}; supported keys are "
             f"{_RENORM_CLIPPING_KEYS}. Received: renorm_clipping={clipping}"
         )
-    clipping = {k: (None if v is None else float(v)) for k, v in clipping.items()}
+    try:
+        clipping = {k: (None if v is None else float(v)) for k, v in clipping.items()}
+    except (TypeError, ValueError):
+        raise ValueError(
+            "`renorm_clipping` values must be numbers or None. "
+            f"Received: renorm_clipping={clipping!r}"
+        ) from None
     rmax, rmin, dmax = (clipping.get(k) for k in _RENORM_CLIPPING_KEYS)
     if rmax is not None and rmin is not None and rmax < rmin:
         raise ValueError(

@@ -9,7 +9,7 @@ BACKEND = keras.backend.backend()
 
 @pytest.fixture(autouse=True)
 def _isolate_keras_state():
-    """Restores the global dtype policy and reseeds Keras after each test."""
+    """Seeds Keras before each test and restores the global dtype policy after."""
     policy = keras.config.dtype_policy()
     keras.utils.set_random_seed(0)
     yield
@@ -92,9 +92,11 @@ def call_with_gradients():
 
 @pytest.fixture
 def set_random_weights(rng):
-    """`f(layer, input_shape) -> {name: float64 array}`: builds `layer` and
-    gives every float weight a random, valid value (variances positive), so
-    that a test cannot pass by relying on the initializers.
+    """`f(layer, input_shape) -> {name: float64 array}`: random weight values.
+
+    Builds `layer` and gives every float weight a random, valid value
+    (variances and standard deviations positive), so that no test passes by
+    relying on the initializers.
     """
 
     def assign(layer, input_shape):

@@ -35,6 +35,14 @@ def expand(param, shape, axis):
     return np.reshape(param, [shape[i] if i in kept else 1 for i in range(len(shape))])
 
 
+def expand_mask(mask, shape, axis):
+    """A mask of `shape` without the feature axes, broadcast to `shape`."""
+    mask = np.asarray(mask, bool)
+    for a in feature_axes(axis, len(shape)):
+        mask = np.expand_dims(mask, a)
+    return np.broadcast_to(mask, shape)
+
+
 def moments(x, axis, mask=None):
     """Mean, biased variance and value count per feature (Algorithm 1, lines 1-2).
 
@@ -46,10 +54,7 @@ def moments(x, axis, mask=None):
     if mask is None:
         weights = np.ones_like(x)
     else:
-        weights = np.asarray(mask, np.float64)
-        for a in feature_axes(axis, x.ndim):
-            weights = np.expand_dims(weights, a)
-        weights = np.broadcast_to(weights, x.shape)
+        weights = expand_mask(mask, x.shape, axis).astype(np.float64)
     count = weights.sum(axis=reduced)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = (weights * x).sum(axis=reduced) / count
@@ -112,20 +117,36 @@ def train_gradients(x, dy, gamma, epsilon, axis):
     return dx, dgamma, dbeta
 
 
-def ghost_batch_transform(x, virtual_batch_size, gamma, beta, epsilon, axis):
+def ghost_batch_transform(
+    x,
+    virtual_batch_size,
+    gamma,
+    beta,
+    epsilon,
+    axis,
+    mask=None,
+    unbiased_variance=False,
+):
     """Ghost batch normalization (Hoffer et al., 2017).
 
     Each run of `virtual_batch_size` consecutive examples is normalized with
-    its own moments. Returns the output and the average over the ghost batches
-    of their means and of their (biased) variances.
+    its own moments (over its unmasked entries). Returns the output and the
+    average, over the ghost batches that have values, of their means and of
+    their variances (each unbiased with its own count if asked).
     """
     x = np.asarray(x, np.float64)
+    parts = len(x) // virtual_batch_size
+    masks = [None] * parts if mask is None else np.split(np.asarray(mask), parts)
     outputs, means, variances = [], [], []
-    for part in np.split(x, len(x) // virtual_batch_size):
-        y, mean, variance, _ = train_transform(part, gamma, beta, epsilon, axis)
+    for part, part_mask in zip(np.split(x, parts), masks, strict=True):
+        y, mean, variance, count = train_transform(
+            part, gamma, beta, epsilon, axis, part_mask
+        )
         outputs.append(y)
+        if np.all(count == 0):
+            continue
         means.append(mean)
-        variances.append(variance)
+        variances.append(unbiased(variance, count) if unbiased_variance else variance)
     return np.concatenate(outputs), np.mean(means, 0), np.mean(variances, 0)
 
 
@@ -193,7 +214,16 @@ class PopulationStatistics:
 
 
 def renorm_train_step(
-    x, state, gamma, beta, epsilon, axis, momentum, renorm_momentum, clipping=None
+    x,
+    state,
+    gamma,
+    beta,
+    epsilon,
+    axis,
+    momentum,
+    renorm_momentum,
+    clipping=None,
+    mask=None,
 ):
     """One training step of batch renormalization (Ioffe, 2017, Algorithm 1).
 
@@ -203,10 +233,11 @@ def renorm_train_step(
     at `sqrt(epsilon)` as Keras does. Keras' update rules follow: `renorm_mean`
     and `renorm_stddev` with `renorm_momentum`, `moving_mean` and
     `moving_stddev` with `momentum`, and `moving_variance = relu(moving_stddev^2
-    - epsilon)`. Returns the output and the new state (a new dict).
+    - epsilon)`. The moments are over the unmasked entries. Returns the output
+    and the new state (a new dict).
     """
     clipping = clipping or {}
-    mean, variance, _ = moments(x, axis)
+    mean, variance, _ = moments(x, axis, mask)
     sigma_b = np.sqrt(variance + epsilon)
     sigma = np.maximum(state["renorm_stddev"], np.sqrt(epsilon))
     r = sigma_b / sigma

@@ -360,6 +360,30 @@ def test_config_matches_keras_defaults():
         assert ours[key] == value, key
 
 
+def test_regularizers(rng, set_random_weights):
+    layer = BatchNorm(
+        beta_regularizer=keras.regularizers.L1(0.1),
+        gamma_regularizer=keras.regularizers.L2(0.2),
+    )
+    w = set_random_weights(layer, (8, 3))
+    layer(_data(rng, (8, 3)), training=True)
+    losses = sorted(float(ops.convert_to_numpy(loss)) for loss in layer.losses)
+    expected = sorted([0.1 * np.abs(w["beta"]).sum(), 0.2 * (w["gamma"] ** 2).sum()])
+    np.testing.assert_allclose(losses, expected, rtol=1e-6)
+
+
+def test_constraints_are_applied_in_fit(rng):
+    layer = BatchNorm(
+        beta_constraint="non_neg", gamma_constraint=keras.constraints.MaxNorm(0.5)
+    )
+    model = keras.Sequential([keras.Input((3,)), layer])
+    model.compile(optimizer=keras.optimizers.SGD(1.0), loss="mse")
+    x = _data(rng, (32, 3))
+    model.fit(x, x * 0.0 - 5.0, batch_size=8, epochs=1, verbose=0)
+    assert (_as64(layer.beta) >= 0.0).all()
+    assert np.linalg.norm(_as64(layer.gamma)) <= 0.5 + 1e-6
+
+
 @pytest.mark.parametrize("kwargs", [{"momentum": None}, {"debias": True}])
 def test_batch_counter_weight(kwargs):
     layer = BatchNorm(**kwargs)
