@@ -39,6 +39,9 @@ DEFAULTS = {
     "test_examples": 0,
     # "fast": many steps per compiled call; "simple": one call per step.
     "loop": "fast",
+    # "shared": one evaluation call for everything; "separate": one per
+    # network and mode, as a straightforward script does (the speed baseline).
+    "evaluation": "shared",
 }
 
 # The population-statistics study (experiments.population_study) adds:
@@ -59,6 +62,7 @@ CHOICES = {
     "bn_impl": ("bn_keras", "keras"),
     "data_source": ("vendored", "dir", "tfds"),
     "loop": ("fast", "simple"),
+    "evaluation": ("shared", "separate"),
 }
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"

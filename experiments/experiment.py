@@ -57,7 +57,13 @@ def run(config, out_dir, progress=True):
     data = load_data(config)
     keras.utils.set_random_seed(config["seed"])
     networks = build_networks(config)
-    evaluator = Evaluator(networks, data.x_test, data.y_test, config["neurons"])
+    evaluator = Evaluator(
+        networks,
+        data.x_test,
+        data.y_test,
+        config["neurons"],
+        shared=config["evaluation"] == "shared",
+    )
     records = train_and_evaluate(networks, data, config, evaluator, progress=progress)
     single = single_example_check(networks.bn, data.x_test, data.y_test)
     networks.plain.save(out_dir / "plain.keras")

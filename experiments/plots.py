@@ -91,7 +91,7 @@ def _percentiles(metrics):
         ax.set_xlabel("Training steps")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("Sigmoid input over the test set")
-    axes[0].legend(loc="best", fontsize="small")
+    axes[1].legend(loc="lower right", fontsize="small")
     return fig
 
 

@@ -133,7 +133,9 @@ def test_another_seed_gives_other_metrics(smoke_run, tmp_path):
     assert other["accuracy"] != first["accuracy"]
 
 
-@pytest.mark.parametrize("override", ["loop=simple", "bn_impl=keras"])
+@pytest.mark.parametrize(
+    "override", ["loop=simple", "evaluation=separate", "bn_impl=keras"]
+)
 def test_variants_give_the_same_curves(smoke_run, tmp_path, override):
     """The per-step loop and Keras' BN layer reproduce the fast loop's numbers."""
     _, reference = smoke_run
