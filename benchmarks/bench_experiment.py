@@ -39,13 +39,14 @@ def _run(settings, overrides, out_dir):
     command += ["--out", out_dir]
     for item in (*settings, *overrides):
         command += ["--set", item]
-    start = time.perf_counter()
-    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(process.pid, 0)
-    seconds = time.perf_counter() - start
-    stderr = process.stderr.read()
-    if status != 0:
-        sys.exit(f"error: {' '.join(command)} failed:\n{stderr[-2000:]}")
+    with tempfile.TemporaryFile("w+") as log:
+        start = time.perf_counter()
+        process = subprocess.Popen(command, stderr=log, text=True)
+        _, status, usage = os.wait4(process.pid, 0)
+        seconds = time.perf_counter() - start
+        if status != 0:
+            log.seek(0)
+            sys.exit(f"error: {' '.join(command)} failed:\n{log.read()[-2000:]}")
     return seconds, usage.ru_maxrss / 1024**2  # Linux reports KiB
 
 

@@ -45,7 +45,9 @@ class BatchNorm(keras.layers.Layer):
 
     All updates have the form `moving = (1 - w) * moving + w * batch_stat`
     with `w = 1 - momentum` (plain EMA, Keras' rule), `w = (1 - momentum) /
-    (1 - momentum^t)` (debiased) or `w = 1 / t` (cumulative average).
+    (1 - momentum^t)` (debiased) or `w = 1 / t` (cumulative average). Under
+    `renorm`, as in Keras, the average is taken of the standard deviation
+    and `moving_variance = moving_stddev**2 - epsilon`.
 
     Setting `trainable = False` on the layer freezes it *and* puts it in
     inference mode, also inside `fit()`: Keras' convention for fine-tuning.
@@ -349,7 +351,7 @@ class BatchNorm(keras.layers.Layer):
                 if None in sizes:
                     sizes = [ops.shape(x)[a] for a in reduction_axes]
                 n = _product(sizes)
-            variance = variance * _bessel_factor(n)
+            variance = variance * ops.cast(_bessel_factor(n), variance.dtype)
         active = None
         if self.virtual_batch_size is not None:
             if masked:
@@ -524,6 +526,8 @@ def _fold(mean, variance, gamma, beta, epsilon):
 def _average_into(variable, value, weight, keep, active=None):
     """Assigns `keep * variable + weight * value` where `active`; returns it."""
     old = ops.cast(variable, value.dtype)
+    if not isinstance(weight, float):
+        weight, keep = ops.cast(weight, value.dtype), ops.cast(keep, value.dtype)
     new = old * keep + value * weight
     if active is not None:
         new = ops.where(active, new, old)
@@ -616,6 +620,7 @@ def _replica_context():
 
 
 def _product(sizes):
+    # math.prod, but also for the backend's scalar tensors of dynamic shapes.
     result = 1
     for size in sizes:
         result = result * size
@@ -669,9 +674,9 @@ def _resolve_axes(axis, rank, input_shape):
 
 def _to_float(value, name):
     """`float(value)`, or a ValueError that quotes the argument."""
-    if isinstance(value, bool):
-        value = None
     try:
+        if isinstance(value, bool):
+            raise TypeError
         return float(value)
     except (TypeError, ValueError):
         raise ValueError(
@@ -682,10 +687,13 @@ def _to_float(value, name):
 def _validate_virtual_batch_size(value):
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        valid = False
-    else:
-        valid = value == int(value) and value >= 1
+    valid = (
+        isinstance(value, (int, float))
+        and not isinstance(value, bool)
+        and math.isfinite(value)
+        and value == int(value)
+        and value >= 1
+    )
     if not valid:
         raise ValueError(
             "`virtual_batch_size` must be a positive integer or None. "

@@ -13,6 +13,8 @@ from bn_keras.batch_norm import BatchNorm
 def batch_norm_layers(model):
     """Every batch-normalization layer in `model` (ours and Keras'), in order."""
     types = (BatchNorm, keras.layers.BatchNormalization)
+    # Keras has no public recursive walk; _flatten_layers also finds layers
+    # held as attributes of custom layers and subclassed models.
     return [
         layer
         for layer in model._flatten_layers(include_self=False, recursive=True)
@@ -32,6 +34,11 @@ def recompute_statistics(model, data, batch_size=None, steps=None, progress=True
     the batches cover a dataset once, these are exactly that dataset's mean and
     variance of each BN layer's input. An EMA instead weighs recent batches,
     taken with older weights, and lags behind the network early in training.
+
+    With a mask or `virtual_batch_size`, each batch is weighted by its number
+    of examples and its variance is the layer's (averaged over ghost
+    batches), so the result approximates rather than equals the statistics of
+    the values seen.
 
     Nothing but the population statistics changes: the model runs statelessly,
     so trainable weights, other non-trainable weights (counters, renorm

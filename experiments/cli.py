@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.config import ConfigError, load_config
+from experiments.config import CHOICES, ConfigError, load_config
 from experiments.data import DataError
 
 
@@ -41,7 +41,7 @@ def parse_args(argv, prog, description, defaults):
     )
     parser.add_argument(
         "--data-source",
-        choices=("vendored", "dir", "tfds"),
+        choices=CHOICES["data_source"],
         help="where MNIST comes from: the repository's copy (default), a folder "
         "(--data-dir or $BN_KERAS_MNIST_DIR), or TensorFlow Datasets",
     )
@@ -52,7 +52,7 @@ def parse_args(argv, prog, description, defaults):
     )
     parser.add_argument(
         "--bn-impl",
-        choices=("bn_keras", "keras"),
+        choices=CHOICES["bn_impl"],
         help="batch-norm layer: bn_keras.BatchNorm (default) or "
         "keras.layers.BatchNormalization, for comparison",
     )
@@ -79,14 +79,15 @@ def _toml_string(value):
 def main(argv, prog, description, defaults, run):
     """Parses `argv`, loads the config and calls `run(config, out, progress)`.
 
-    Returns the exit status.
+    `run` should import TensorFlow only when called, so that `--help` and
+    config errors answer at once. Returns the exit status.
     """
     args = parse_args(argv, prog, description, defaults)
     try:
         config = load_config(args.config, args.overrides, defaults)
         # TensorFlow loads only now, with fewer C++ log lines.
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        run()(config, args.out, progress=not args.quiet)
+        run(config, args.out, progress=not args.quiet)
     except (ConfigError, DataError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -5,6 +5,7 @@ metrics file, the figures, both trained networks and a summary table.
 """
 
 import json
+import math
 import platform
 import time
 from pathlib import Path
@@ -24,6 +25,10 @@ STATISTICS = ("p15", "p50", "p85", "mean")
 def prepare_output_dir(out_dir):
     """Creates `out_dir`; refuses one that already holds files (no overwrite)."""
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(
+            f"output folder {out_dir} is a file; choose another --out"
+        )
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(
             f"output folder {out_dir} already holds files; choose another --out "
@@ -53,8 +58,8 @@ def run(config, out_dir, progress=True):
     """
     start = time.perf_counter()
     out_dir = prepare_output_dir(out_dir)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     data = load_data(config)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     keras.utils.set_random_seed(config["seed"])
     networks = build_networks(config)
     evaluator = Evaluator(
@@ -93,8 +98,8 @@ def collect_metrics(config, records, single):
             "bn_batch_stats": [float(r["accuracy_bn_batch_stats"]) for r in records],
         },
         "train_loss": {
-            "plain": [r["train_loss"][0] for r in records],
-            "bn": [r["train_loss"][1] for r in records],
+            "plain": [finite_or_none(r["train_loss"][0]) for r in records],
+            "bn": [finite_or_none(r["train_loss"][1]) for r in records],
         },
         "activations": {
             "neurons": list(config["neurons"]),
@@ -116,6 +121,11 @@ def collect_metrics(config, records, single):
             "processor": platform.processor(),
         },
     }
+
+
+def finite_or_none(value):
+    """JSON has no NaN: a loss that is not a number is written as null."""
+    return value if math.isfinite(value) else None
 
 
 def summary_table(metrics):

@@ -10,7 +10,6 @@ mean and spread over seeds.
 """
 
 import json
-import math
 import sys
 import time
 
@@ -25,14 +24,14 @@ def run(config, out_dir, progress=True):
     """Runs the sweep, writing metrics, a figure and a summary into `out_dir`."""
     from experiments import plots
     from experiments.evaluate import Evaluator
-    from experiments.experiment import load_data, prepare_output_dir
+    from experiments.experiment import finite_or_none, load_data, prepare_output_dir
     from experiments.models import build_networks
     from experiments.train import train_and_evaluate
 
     start = time.perf_counter()
     out_dir = prepare_output_dir(out_dir)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     data = load_data(config)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     grid = [(lr, seed) for lr in config["learning_rates"] for seed in config["seeds"]]
     runs = []
     for learning_rate, seed in tqdm(grid, desc="sweep", disable=not progress):
@@ -55,9 +54,10 @@ def run(config, out_dir, progress=True):
                 "plain": final["accuracy_plain"],
                 "bn": final["accuracy_bn_population"],
                 "bn_batch_stats": final["accuracy_bn_batch_stats"],
+                # None (JSON null) where the loss is not finite: diverged.
                 "final_train_loss": {
-                    "plain": final["train_loss"][0],
-                    "bn": final["train_loss"][1],
+                    "plain": finite_or_none(final["train_loss"][0]),
+                    "bn": finite_or_none(final["train_loss"][1]),
                 },
             }
         )
@@ -110,11 +110,10 @@ def summary_table(metrics):
             f"{entry[k]['mean']:.4f} ± {entry[k]['std']:.4f}" for k in ("plain", "bn")
         ]
         lines.append(f"| {entry['learning_rate']:g} | {cells[0]} | {cells[1]} |")
-    diverged = [
-        r for r in metrics["runs"] if not math.isfinite(r["final_train_loss"]["plain"])
-    ]
-    if diverged:
-        lines += ["", f"{len(diverged)} plain runs ended with a non-finite loss."]
+    for key, name in (("plain", "without BN"), ("bn", "with BN")):
+        diverged = [r for r in metrics["runs"] if r["final_train_loss"][key] is None]
+        if diverged:
+            lines += ["", f"{len(diverged)} runs {name} ended with a non-finite loss."]
     return "\n".join(lines) + "\n"
 
 
@@ -124,12 +123,8 @@ DESCRIPTION = (
 )
 
 
-def _run():
-    return run
-
-
 def main(argv=None):
-    return cli.main(argv, "experiments.lr_sweep", DESCRIPTION, SWEEP_DEFAULTS, _run)
+    return cli.main(argv, "experiments.lr_sweep", DESCRIPTION, SWEEP_DEFAULTS, run)
 
 
 if __name__ == "__main__":

@@ -11,21 +11,21 @@ from experiments import cli
 from experiments.config import DEFAULTS
 
 DESCRIPTION = (
-    "Train a 784-100-100-10 sigmoid MLP on MNIST with and without batch "
-    "normalization from the same initial weights, record test accuracy and "
+    "Train a sigmoid MLP (784-100-100-10 by default) on MNIST with and without "
+    "batch normalization from the same initial weights, record test accuracy and "
     "sigmoid-input statistics, plot the paper's Figure 1, and run the "
     "single-example inference check."
 )
 
 
-def _run():
-    from experiments.experiment import run  # imports TensorFlow
+def run(config, out_dir, progress=True):
+    from experiments import experiment  # imports TensorFlow
 
-    return run
+    return experiment.run(config, out_dir, progress)
 
 
 def main(argv=None):
-    return cli.main(argv, "experiments.mnist_mlp", DESCRIPTION, DEFAULTS, _run)
+    return cli.main(argv, "experiments.mnist_mlp", DESCRIPTION, DEFAULTS, run)
 
 
 if __name__ == "__main__":

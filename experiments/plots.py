@@ -51,7 +51,8 @@ def _accuracy(metrics):
     )
     ax.set_xlabel("Training steps")
     ax.set_ylabel("Test accuracy")
-    ax.set_title("(a) MNIST test accuracy, 784-100-100-10 sigmoid MLP")
+    sizes = "-".join(map(str, [784, *metrics["config"]["hidden_units"], 10]))
+    ax.set_title(f"(a) MNIST test accuracy, {sizes} sigmoid MLP")
     low = min(min(v[len(v) // 10 :]) for v in accuracy.values())
     ax.set_ylim(max(0.0, low - 0.02), 1.0)
     ax.grid(alpha=0.3)
@@ -115,7 +116,7 @@ def _means(metrics):
 
 STUDY_STYLES = {
     "plain": ("Without BN", "tab:blue", "-"),
-    "ema": ("EMA (momentum 0.999)", "tab:red", "-"),
+    "ema": ("EMA (momentum {momentum})", "tab:red", "-"),
     "debiased_ema": ("Debiased EMA", "tab:orange", "-"),
     "cumulative": ("Cumulative average", "tab:green", "-"),
     "precise": ("Precise BN", "tab:purple", "-"),
@@ -136,6 +137,7 @@ def plot_population_study(metrics_path, out_dir=None):
     ):
         for name, curve in metrics["accuracy"].items():
             label, color, style = STUDY_STYLES.get(name, (name, None, "-"))
+            label = label.format(momentum=metrics["config"]["bn_momentum"])
             ax.plot(
                 steps[keep],
                 np.asarray(curve)[keep],

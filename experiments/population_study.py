@@ -27,7 +27,7 @@ import time
 import numpy as np
 
 from experiments import cli
-from experiments.config import STUDY_DEFAULTS
+from experiments.config import STUDY_DEFAULTS, ConfigError
 
 ESTIMATORS = {
     "ema": {},
@@ -49,10 +49,11 @@ def run(config, out_dir, progress=True):
     from experiments.models import batch_norm_factory, build_mlp, initialize
     from experiments.train import train_and_evaluate
 
+    check_config(config)
     start = time.perf_counter()
     out_dir = prepare_output_dir(out_dir)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     data = load_data(config)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     models = {"plain": build_mlp(config["hidden_units"], name="plain")}
     for name, options in ESTIMATORS.items():
         factory = batch_norm_factory(config, **options)
@@ -123,6 +124,28 @@ def run(config, out_dir, progress=True):
     return metrics
 
 
+def check_config(config):
+    """The study needs bn_keras' options and enough data for precise BN."""
+    if config["bn_impl"] != "bn_keras":
+        raise ConfigError(
+            "the study compares bn_keras.BatchNorm's population estimators; "
+            f"set bn_impl='bn_keras'. Received: {config['bn_impl']!r}"
+        )
+    if config["bn_momentum"] >= 1.0:
+        raise ConfigError(
+            "the study's debiased EMA needs bn_momentum < 1. "
+            f"Received: {config['bn_momentum']!r}"
+        )
+    sample = config["precise_bn_batches"] * config["batch_size"]
+    available = config["train_examples"] or 60000
+    if sample > available:
+        raise ConfigError(
+            f"precise BN draws precise_bn_batches * batch_size = {sample} "
+            f"training examples, more than the {available} used; lower "
+            "precise_bn_batches"
+        )
+
+
 def summary_table(metrics):
     steps = metrics["steps"]
     columns = [s for s in MILESTONES if s in steps] + [steps[-1]]
@@ -153,13 +176,9 @@ DESCRIPTION = (
 )
 
 
-def _run():
-    return run
-
-
 def main(argv=None):
     return cli.main(
-        argv, "experiments.population_study", DESCRIPTION, STUDY_DEFAULTS, _run
+        argv, "experiments.population_study", DESCRIPTION, STUDY_DEFAULTS, run
     )
 
 

@@ -4,12 +4,24 @@ from pathlib import Path
 
 import pytest
 
-from experiments.config import CONFIG_DIR, DEFAULTS, ConfigError, load_config
+from experiments.config import (
+    CONFIG_DIR,
+    DEFAULTS,
+    STUDY_DEFAULTS,
+    SWEEP_DEFAULTS,
+    ConfigError,
+    load_config,
+)
 
+# Each shipped config and the defaults of the experiment that reads it.
+EXPERIMENT_DEFAULTS = {
+    "population_study.toml": STUDY_DEFAULTS,
+    "lr_sweep.toml": SWEEP_DEFAULTS,
+}
 SHIPPED = sorted(CONFIG_DIR.glob("*.toml"))
 
 
-def test_defaults_are_the_figure_1_setting():
+def test_defaults_are_the_figure_1_reproduction():
     config = load_config()
     assert config == DEFAULTS
     assert config["hidden_units"] == [100, 100]
@@ -19,9 +31,10 @@ def test_defaults_are_the_figure_1_setting():
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_shipped_configs_load_and_only_override(path):
-    config = load_config(path)
-    assert set(config) == set(DEFAULTS)
-    assert config != DEFAULTS
+    defaults = EXPERIMENT_DEFAULTS.get(path.name, DEFAULTS)
+    config = load_config(path, defaults=defaults)
+    assert set(config) == set(defaults)
+    assert config != defaults
 
 
 def test_file_then_set_overrides(tmp_path):
@@ -56,6 +69,7 @@ def test_set_parses_toml_values():
         (["bn_momentum=1.5"], "'bn_momentum' must be in [0, 1]"),
         (["bn_epsilon=0.0"], "'bn_epsilon' must be positive"),
         (["data_dir=/tmp"], "data_source='dir'"),
+        (["batch_size=1"], "'batch_size' must be at least 2"),
     ],
 )
 def test_bad_overrides_are_errors(overrides, message):
@@ -79,3 +93,13 @@ def test_bad_files_are_errors(tmp_path):
 
 def test_config_dir_is_the_repository_folder():
     assert CONFIG_DIR == Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_sweep_config_has_lists_instead_of_single_values():
+    config = load_config(overrides=["steps=125", "seeds=[4]"], defaults=SWEEP_DEFAULTS)
+    assert config["seeds"] == [4] and "seed" not in config
+    assert "eval_every" not in config  # the sweep evaluates at the end only
+    with pytest.raises(ConfigError, match="unknown config key 'seed'"):
+        load_config(overrides=["seed=1"], defaults=SWEEP_DEFAULTS)
+    with pytest.raises(ConfigError, match="non-empty list of numbers"):
+        load_config(overrides=['learning_rates=["a"]'], defaults=SWEEP_DEFAULTS)

@@ -48,7 +48,7 @@ def test_population_study_end_to_end(tmp_path):
 def test_lr_sweep_end_to_end(tmp_path):
     out = tmp_path / "sweep"
     argv = ["--config", str(CONFIG_DIR / "lr_sweep.toml"), *TINY]
-    argv += ["--set", "steps=100", "--set", "eval_every=100"]
+    argv += ["--set", "steps=100"]
     argv += ["--set", "learning_rates=[0.01, 0.1]", "--set", "seeds=[0, 1]"]
     assert lr_sweep.main([*argv, "--out", str(out), "--quiet"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
@@ -76,3 +76,21 @@ def test_study_keys_are_unknown_to_the_main_experiment(capsys, tmp_path):
     argv = ["--set", "precise_bn_batches=3", "--out", str(tmp_path / "o")]
     assert mnist_mlp.main(argv) == 2
     assert "unknown config key 'precise_bn_batches'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--bn-impl", "keras"], "set bn_impl='bn_keras'"),
+        (["--set", "bn_momentum=1.0"], "needs bn_momentum < 1"),
+        (
+            ["--set", "train_examples=100", "--set", "precise_bn_batches=5"],
+            "more than the 100 used",
+        ),
+    ],
+)
+def test_study_config_errors_are_one_line(capsys, tmp_path, argv, message):
+    assert population_study.main([*argv, "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()
