@@ -38,6 +38,30 @@ def prepare_output_dir(out_dir):
     return out_dir
 
 
+def start_run(config, out_dir):
+    """Prepares `out_dir`, loads the data, then records the config there.
+
+    Returns `(out_dir, data)`. The config is written only once the data has
+    loaded, so a run stopped by a data error leaves the folder empty.
+    """
+    out_dir = prepare_output_dir(out_dir)
+    data = load_data(config)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out_dir, data
+
+
+def finish_run(out_dir, metrics, plot, summary, progress):
+    """Writes `metrics.json`, draws its figures with `plot(path)`, and writes
+    (and prints, if `progress`) the summary table."""
+    metrics_path = out_dir / "metrics.json"
+    metrics_path.write_text(json.dumps(metrics, indent=1) + "\n")
+    plot(metrics_path)
+    (out_dir / "summary.md").write_text(summary)
+    if progress:
+        print(summary)
+        print(f"Outputs in {out_dir}")
+
+
 def load_data(config):
     data = load_mnist(
         config["data_source"], config["data_dir"] or None, verify=config["data_verify"]
@@ -57,9 +81,7 @@ def run(config, out_dir, progress=True):
     Returns the metrics dict, also written to `out_dir/metrics.json`.
     """
     start = time.perf_counter()
-    out_dir = prepare_output_dir(out_dir)
-    data = load_data(config)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    out_dir, data = start_run(config, out_dir)
     keras.utils.set_random_seed(config["seed"])
     networks = build_networks(config)
     evaluator = Evaluator(
@@ -76,14 +98,7 @@ def run(config, out_dir, progress=True):
 
     metrics = collect_metrics(config, records, single)
     metrics["wall_seconds"] = time.perf_counter() - start
-    metrics_path = out_dir / "metrics.json"
-    metrics_path.write_text(json.dumps(metrics, indent=1) + "\n")
-    plots.plot_all(metrics_path)
-    summary = summary_table(metrics)
-    (out_dir / "summary.md").write_text(summary)
-    if progress:
-        print(summary)
-        print(f"Outputs in {out_dir}")
+    finish_run(out_dir, metrics, plots.plot_all, summary_table(metrics), progress)
     return metrics
 
 

@@ -9,7 +9,6 @@ the end (BN with population statistics) is recorded, and the figure shows its
 mean and spread over seeds.
 """
 
-import json
 import sys
 import time
 
@@ -24,14 +23,12 @@ def run(config, out_dir, progress=True):
     """Runs the sweep, writing metrics, a figure and a summary into `out_dir`."""
     from experiments import plots
     from experiments.evaluate import Evaluator
-    from experiments.experiment import finite_or_none, load_data, prepare_output_dir
+    from experiments.experiment import finish_run, finite_or_none, start_run
     from experiments.models import build_networks
     from experiments.train import train_and_evaluate
 
     start = time.perf_counter()
-    out_dir = prepare_output_dir(out_dir)
-    data = load_data(config)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    out_dir, data = start_run(config, out_dir)
     grid = [(lr, seed) for lr in config["learning_rates"] for seed in config["seeds"]]
     runs = []
     for learning_rate, seed in tqdm(grid, desc="sweep", disable=not progress):
@@ -67,14 +64,7 @@ def run(config, out_dir, progress=True):
         "by_learning_rate": aggregate(runs),
         "wall_seconds": time.perf_counter() - start,
     }
-    metrics_path = out_dir / "metrics.json"
-    metrics_path.write_text(json.dumps(metrics, indent=1) + "\n")
-    plots.plot_lr_sweep(metrics_path)
-    summary = summary_table(metrics)
-    (out_dir / "summary.md").write_text(summary)
-    if progress:
-        print(summary)
-        print(f"Outputs in {out_dir}")
+    finish_run(out_dir, metrics, plots.plot_lr_sweep, summary_table(metrics), progress)
     return metrics
 
 

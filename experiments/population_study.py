@@ -20,7 +20,6 @@ evaluation each is tested with its own estimate:
 - `plain`: the network without BN, for scale.
 """
 
-import json
 import sys
 import time
 
@@ -45,15 +44,13 @@ def run(config, out_dir, progress=True):
     import bn_keras
     from experiments import plots
     from experiments.evaluate import BATCH_STATS, POPULATION, correct, forward
-    from experiments.experiment import load_data, prepare_output_dir
+    from experiments.experiment import finish_run, start_run
     from experiments.models import batch_norm_factory, build_mlp, initialize
     from experiments.train import train_and_evaluate
 
     check_config(config)
     start = time.perf_counter()
-    out_dir = prepare_output_dir(out_dir)
-    data = load_data(config)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    out_dir, data = start_run(config, out_dir)
     models = {"plain": build_mlp(config["hidden_units"], name="plain")}
     for name, options in ESTIMATORS.items():
         factory = batch_norm_factory(config, **options)
@@ -113,14 +110,9 @@ def run(config, out_dir, progress=True):
         "precise_seconds_per_evaluation": float(np.median(precise_seconds)),
         "wall_seconds": time.perf_counter() - start,
     }
-    metrics_path = out_dir / "metrics.json"
-    metrics_path.write_text(json.dumps(metrics, indent=1) + "\n")
-    plots.plot_population_study(metrics_path)
-    summary = summary_table(metrics)
-    (out_dir / "summary.md").write_text(summary)
-    if progress:
-        print(summary)
-        print(f"Outputs in {out_dir}")
+    finish_run(
+        out_dir, metrics, plots.plot_population_study, summary_table(metrics), progress
+    )
     return metrics
 
 
