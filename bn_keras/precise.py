@@ -84,14 +84,31 @@ def recompute_statistics(model, data, batch_size=None, steps=None, progress=True
     ]
     trainable = [v.value for v in model.trainable_variables]
     non_trainable = [v.value for v in model.non_trainable_variables]
+    # Finite stand-ins for the old statistics, which are replaced, not
+    # blended: a NaN state (0 * NaN is NaN) must not survive the recompute.
+    for mean_at, variance_at in slots:
+        non_trainable[mean_at] = ops.zeros_like(non_trainable[mean_at])
+        non_trainable[variance_at] = ops.ones_like(non_trainable[variance_at])
     totals = [_Pooled() for _ in layers]
     saved = [_capture_batch_statistics(layer) for layer in layers]
     try:
-        for x in tqdm(batches, total=steps, disable=not progress, desc="precise BN"):
+        for step, x in enumerate(
+            tqdm(batches, total=steps, disable=not progress, desc="precise BN")
+        ):
             _, state = model.stateless_call(trainable, non_trainable, x, training=True)
             examples = int(ops.shape(x)[0])
-            for total, (mean_at, variance_at) in zip(totals, slots, strict=True):
+            for layer, total, (mean_at, variance_at) in zip(
+                layers, totals, slots, strict=True
+            ):
                 total.add(examples, state[mean_at], state[variance_at])
+                if not (
+                    np.all(np.isfinite(total.mean)) and np.all(np.isfinite(total.m2))
+                ):
+                    raise ValueError(
+                        f"Batch {step} of `data` gives non-finite statistics in "
+                        f"layer {layer.name!r} (a NaN or inf in the data, or "
+                        "weights that overflow); nothing was recomputed."
+                    )
     finally:
         for layer, attributes in zip(layers, saved, strict=True):
             for name, value in attributes.items():

@@ -35,19 +35,23 @@ def expand(param, shape, axis):
     return np.reshape(param, [shape[i] if i in kept else 1 for i in range(len(shape))])
 
 
-def expand_mask(mask, shape, axis):
-    """A mask of `shape` without the feature axes, broadcast to `shape`."""
+def expand_mask(mask, shape, axis=None):
+    """A mask in Keras' convention, broadcast to `shape`.
+
+    Keras' mask (from `Masking` or `Embedding(mask_zero=True)`) has the
+    input's shape without its last axis, whatever the feature `axis` (unused,
+    kept for the callers' symmetry): it is expanded on the last axis.
+    """
     mask = np.asarray(mask, bool)
-    for a in feature_axes(axis, len(shape)):
-        mask = np.expand_dims(mask, a)
-    return np.broadcast_to(mask, shape)
+    assert mask.shape == tuple(shape[:-1]), (mask.shape, shape)
+    return np.broadcast_to(mask[..., None], shape)
 
 
 def moments(x, axis, mask=None):
     """Mean, biased variance and value count per feature (Algorithm 1, lines 1-2).
 
-    `mask` has the shape of `x` without the feature axes; only entries where it
-    is true count. A feature with no entry gets NaN moments and count 0.
+    `mask` has the shape of `x` without its last axis (Keras' convention);
+    only entries where it is true count. A feature with no entry gets NaN moments and count 0.
     """
     x = np.asarray(x, np.float64)
     reduced = reduction_axes(axis, x.ndim)

@@ -165,7 +165,12 @@ def test_virtual_batch_size_with_the_batch_as_feature_axis():
 
 @pytest.mark.parametrize(
     "axis, shape, mask_shape",
-    [(-1, (4, 5, 3), (4, 5, 3)), (-1, (4, 5, 3), (4,)), ((1, 2), (4, 5, 3), (4, 5))],
+    [
+        (-1, (4, 5, 3), (4, 5, 3)),
+        (-1, (4, 5, 3), (4,)),
+        (1, (4, 5, 3), (4,)),
+        ((1, 2), (4, 5, 3), (4,)),
+    ],
 )
 def test_mask_of_the_wrong_rank(axis, shape, mask_shape):
     with pytest.raises(ValueError, match=_quoted(f"mask.shape={mask_shape}")):

@@ -365,7 +365,7 @@ rng = np.random.default_rng(0)
 # Two halves with very different statistics, one per replica.
 x = rng.normal(0.0, 1.0, (8, 3, 2)).astype("float32")
 x[4:] = 3.0 * x[4:] + 5.0
-masks = {"1": rng.random((8, 2)) < 0.7, "-1": rng.random((8, 3)) < 0.7}
+masks = {"1": rng.random((8, 3)) < 0.7, "-1": rng.random((8, 3)) < 0.7}
 strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 assert strategy.num_replicas_in_sync == 2
 

@@ -1,0 +1,134 @@
+"""The maths of batch normalization: batch moments and the folded transform."""
+
+from typing import NamedTuple
+
+import keras
+from keras import ops
+
+from bn_keras.distributed import all_reduce_sum, num_replicas
+
+
+class Moments(NamedTuple):
+    """Batch moments per feature, kept as size-1 dims over the reduced axes.
+
+    `centered` is `x - shift` and `mean` the mean of `centered`, so that the
+    batch mean is `mean + shift`; `variance` is biased. `count` is the number
+    of values per feature: a Python int when the shape is static, a scalar
+    tensor when it is known only at run time, and a per-feature tensor under a
+    mask or across replicas.
+    """
+
+    centered: object
+    mean: object
+    variance: object
+    count: object
+    shift: object
+
+
+def moments(x, axes, mask=None, synchronized=False):
+    """Mean and biased variance of `x` over `axes`, in two passes.
+
+    Two passes (the mean, then the mean squared deviation from it), as
+    `tf.nn.moments`, so the variance is never negative. `mask` (boolean, of
+    `x`'s shape) selects the values that count; masked entries may hold
+    anything, NaN included. With `synchronized`, the sums run over every
+    replica of a distributed step (see `bn_keras.distributed`).
+    """
+    if synchronized and num_replicas() > 1:
+        return _global_moments(x, axes, mask)
+    if mask is not None:
+        return _masked_moments(x, axes, mask)
+    # Moments of x - shift, the shift being one of the values: the sums then
+    # see deviations of the size of the spread, not of the mean, and stay
+    # accurate for a large mean (1e4 with std 1 in float32).
+    first = tuple(
+        slice(0, 1) if i in axes else slice(None) for i in range(len(x.shape))
+    )
+    shift = ops.stop_gradient(x[first])
+    centered = x - shift
+    mean = ops.mean(centered, axis=axes, keepdims=True)
+    squares = _squared_difference(centered, ops.stop_gradient(mean))
+    variance = ops.mean(squares, axis=axes, keepdims=True)
+    return Moments(centered, mean, variance, static_count(x, axes), shift)
+
+
+def _masked_moments(x, axes, mask):
+    # `where`, not a product with the mask: padding may be NaN or inf.
+    count = ops.sum(ops.cast(mask, x.dtype), axis=axes, keepdims=True)
+    total = ops.sum(ops.where(mask, x, 0.0), axis=axes, keepdims=True)
+    mean = ops.divide_no_nan(total, count)
+    squares = ops.where(mask, ops.square(x - ops.stop_gradient(mean)), 0.0)
+    variance = ops.divide_no_nan(ops.sum(squares, axis=axes, keepdims=True), count)
+    return Moments(x, mean, variance, count, 0.0)
+
+
+def _global_moments(x, axes, mask):
+    """Moments over the global batch of a distributed step."""
+    if mask is None:
+        mask = ops.ones_like(x, dtype="bool")
+    local_total = ops.sum(ops.where(mask, x, 0.0), axis=axes, keepdims=True)
+    local_count = ops.sum(ops.cast(mask, x.dtype), axis=axes, keepdims=True)
+    total, count = all_reduce_sum([local_total, local_count])
+    mean = ops.divide_no_nan(total, count)
+    squares = ops.where(mask, ops.square(x - ops.stop_gradient(mean)), 0.0)
+    (sum_of_squares,) = all_reduce_sum([ops.sum(squares, axis=axes, keepdims=True)])
+    return Moments(x, mean, ops.divide_no_nan(sum_of_squares, count), count, 0.0)
+
+
+def static_count(x, axes):
+    """Values per feature from the shape: an int, or a scalar tensor if dynamic."""
+    sizes = [x.shape[a] for a in axes]
+    if None in sizes:
+        dynamic = ops.shape(x)
+        sizes = [dynamic[a] for a in axes]
+    count = 1
+    for size in sizes:
+        count = count * size
+    return count
+
+
+def _squared_difference(x, y):
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        # One fused kernel, forward and backward, where ops.square(x - y)
+        # makes two passes over the tensor (as Keras does through tf.nn.moments).
+        return tf.math.squared_difference(x, y)
+    return ops.square(x - y)
+
+
+def fold(mean, variance, gamma, beta, epsilon):
+    """`gamma * (x - mean) / sqrt(variance + epsilon) + beta` as `x * a + b`.
+
+    Returns `(a, b)`. Exact when `x` is centred near 0 (training mode applies
+    it to `x - shift`); for raw inputs of a large mean, `normalize` avoids the
+    cancellation of `x * a` against `b`.
+    """
+    multiplier = ops.rsqrt(variance + epsilon)
+    if gamma is not None:
+        multiplier = multiplier * gamma
+    offset = -mean * multiplier if beta is None else beta - mean * multiplier
+    return multiplier, offset
+
+
+def normalize(x, mean, variance, gamma, beta, epsilon):
+    """`(x - mean) * a + beta`: accurate at any mean, as in training mode.
+
+    `x * a + (beta - mean * a)` (Keras' inference fold) cancels two terms of
+    the size of `mean * a`: for float32 inputs of mean 1e6 and std 1e-2 its
+    output is off by about 2. Subtracting the mean first is exact for inputs
+    near it (Sterbenz), at the cost of one elementwise subtraction.
+    """
+    multiplier = ops.rsqrt(variance + epsilon)
+    if gamma is not None:
+        multiplier = multiplier * gamma
+    outputs = (x - mean) * multiplier
+    return outputs if beta is None else outputs + beta
+
+
+def bessel_factor(count):
+    """`n / (n - 1)`, the unbiased-variance correction; 1 where n <= 1."""
+    if isinstance(count, int):
+        return count / (count - 1) if count > 1 else 1.0
+    count = ops.cast(count, "float32")
+    return ops.where(count > 1.0, count / ops.maximum(count - 1.0, 1.0), 1.0)
