@@ -278,7 +278,10 @@ class BatchNorm(keras.layers.Layer):
         return input_shape
 
     def call(self, inputs, training=None, mask=None):
-        x = ops.cast(inputs, keras.backend.result_type(inputs.dtype, "float32"))
+        # At least float32 (as Keras), float64 kept: written out because
+        # Keras' torch backend promotes float64 with float32 to float32.
+        float64 = keras.backend.standardize_dtype(inputs.dtype) == "float64"
+        x = ops.cast(inputs, "float64" if float64 else "float32")
         if mask is not None:
             # Validated in inference too: a wrong mask is a bug either way.
             mask = masking.broadcast_mask(mask, x)

@@ -46,10 +46,14 @@ def moments(x, axes, mask=None, synchronized=False):
     )
     shift = ops.stop_gradient(x[first])
     centered = x - shift
-    mean = ops.mean(centered, axis=axes, keepdims=True)
+    count = static_count(x, axes)
+    # Sums over the count, not ops.mean: Keras' torch backend computes the
+    # mean of float64 tensors in float32.
+    divisor = count if isinstance(count, int) else ops.cast(count, x.dtype)
+    mean = ops.sum(centered, axis=axes, keepdims=True) / divisor
     squares = _squared_difference(centered, ops.stop_gradient(mean))
-    variance = ops.mean(squares, axis=axes, keepdims=True)
-    return Moments(centered, mean, variance, static_count(x, axes), shift)
+    variance = ops.sum(squares, axis=axes, keepdims=True) / divisor
+    return Moments(centered, mean, variance, count, shift)
 
 
 def _masked_moments(x, axes, mask):

@@ -100,7 +100,11 @@ def recompute_statistics(model, data, batch_size=None, steps=None, progress=True
             for layer, total, (mean_at, variance_at) in zip(
                 layers, totals, slots, strict=True
             ):
-                total.add(examples, state[mean_at], state[variance_at])
+                total.add(
+                    examples,
+                    ops.convert_to_numpy(state[mean_at]),
+                    ops.convert_to_numpy(state[variance_at]),
+                )
                 if not (
                     np.all(np.isfinite(total.mean)) and np.all(np.isfinite(total.m2))
                 ):
@@ -192,4 +196,6 @@ def _batches(data, batch_size):
             f"Received: batch_size={batch_size}"
         )
     for batch in data:
-        yield batch[0] if isinstance(batch, (tuple, list)) else batch
+        batch = batch[0] if isinstance(batch, (tuple, list)) else batch
+        # A tf.data batch on the JAX or torch backend goes through NumPy.
+        yield batch if ops.is_tensor(batch) else np.asarray(batch)

@@ -57,13 +57,36 @@ def _jax_call_with_gradients(layer, x, upstream, training, mask):
     return y, dx, dweights, variables
 
 
+def _torch_call_with_gradients(layer, x, upstream, training, mask):
+    import torch
+
+    if not layer.built:
+        layer.build(x.shape)
+    variables = layer.trainable_variables
+    for variable in variables:
+        variable.value.grad = None
+    x = torch.tensor(np.asarray(x), requires_grad=True)
+    if mask is not None:
+        mask = torch.as_tensor(np.asarray(mask))
+    y = layer(x, training=training, mask=mask)
+    loss = torch.sum(
+        y.to(torch.float64) * torch.as_tensor(upstream, dtype=torch.float64)
+    )
+    loss.backward()
+    dweights = [
+        torch.zeros_like(v.value) if v.value.grad is None else v.value.grad
+        for v in variables
+    ]
+    return y, x.grad, dweights, variables
+
+
 def _call_with_gradients(layer, x, upstream, training=True, mask=None):
     """Calls `layer` on `x` and differentiates `sum(outputs * upstream)`.
 
     Returns NumPy `(outputs, d/dx, {weight name: d/dweight})` for the trainable
     weights. The layer's state updates (moving statistics) are applied, as in
     a plain call, on every backend: `tf.GradientTape` on TensorFlow,
-    `jax.grad` over `layer.stateless_call` on JAX.
+    `jax.grad` over `layer.stateless_call` on JAX, autograd on torch.
     """
     upstream = np.asarray(upstream, np.float32)
     if BACKEND == "tensorflow":
@@ -71,7 +94,7 @@ def _call_with_gradients(layer, x, upstream, training=True, mask=None):
     elif BACKEND == "jax":
         impl = _jax_call_with_gradients
     else:
-        pytest.skip(f"No gradient helper for the {BACKEND} backend.")
+        impl = _torch_call_with_gradients
     y, dx, dweights, variables = impl(layer, x, upstream, training, mask)
     grads = {
         v.name: keras.ops.convert_to_numpy(g)
@@ -84,7 +107,7 @@ def _call_with_gradients(layer, x, upstream, training=True, mask=None):
 def call_with_gradients():
     """`f(layer, x, upstream, training=True, mask=None) -> (y, dx, grads)`.
 
-    Differentiates `sum(y * upstream)` on TensorFlow and JAX alike; see
+    Differentiates `sum(y * upstream)` on TensorFlow, JAX and torch alike; see
     `_call_with_gradients`.
     """
     return _call_with_gradients

@@ -16,6 +16,10 @@ IMPLEMENTATIONS = {
 }
 
 
+def _np(value):
+    return keras.ops.convert_to_numpy(value)
+
+
 def _model(make_bn, features=6):
     return keras.Sequential(
         [
@@ -31,7 +35,7 @@ def _model(make_bn, features=6):
 
 def _dense(model, name, x):
     layer = model.get_layer(name)
-    return x @ layer.kernel.numpy() + layer.bias.numpy()
+    return x @ _np(layer.kernel) + _np(layer.bias)
 
 
 def _train_mode_bn(h, batch_size, layer, eps):
@@ -40,7 +44,7 @@ def _train_mode_bn(h, batch_size, layer, eps):
     for start in range(0, len(h), batch_size):
         b = h[start : start + batch_size]
         y = (b - b.mean(0)) / np.sqrt(b.var(0) + eps)
-        out.append(y * layer.gamma.numpy() + layer.beta.numpy())
+        out.append(y * _np(layer.gamma) + _np(layer.beta))
     return np.concatenate(out)
 
 
@@ -52,18 +56,18 @@ def test_statistics_are_those_of_the_data(impl, rng):
     first.gamma.assign(rng.uniform(0.5, 2.0, 5).astype("float32"))
     first.beta.assign(rng.normal(size=5).astype("float32"))
     x = rng.normal(3.0, 2.0, size=(120, 6)).astype("float32")
-    before = [w.numpy().copy() for w in model.trainable_weights]
+    before = [_np(w).copy() for w in model.trainable_weights]
 
     result = recompute_statistics(model, x, batch_size=20, progress=False)
 
     h1 = _dense(model, "dense_1", x.astype("float64"))
     np.testing.assert_allclose(
-        first.moving_mean.numpy(), h1.mean(0), rtol=1e-5, atol=1e-5
+        _np(first.moving_mean), h1.mean(0), rtol=1e-5, atol=1e-5
     )
-    np.testing.assert_allclose(first.moving_variance.numpy(), h1.var(0), rtol=1e-5)
+    np.testing.assert_allclose(_np(first.moving_variance), h1.var(0), rtol=1e-5)
     np.testing.assert_allclose(result[first.name][0], h1.mean(0), rtol=1e-5, atol=1e-5)
     for a, b in zip(before, model.trainable_weights, strict=True):
-        np.testing.assert_array_equal(a, b.numpy())
+        np.testing.assert_array_equal(a, _np(b))
     # The layers' own settings are restored.
     assert first.momentum == IMPLEMENTATIONS[impl]().momentum
     # The second BN layer sees the first one's training-mode output (which
@@ -72,9 +76,9 @@ def test_statistics_are_those_of_the_data(impl, rng):
         return
     h2 = _dense(model, "dense_2", np.tanh(_train_mode_bn(h1, 20, first, first.epsilon)))
     np.testing.assert_allclose(
-        second.moving_mean.numpy(), h2.mean(0), rtol=1e-4, atol=1e-4
+        _np(second.moving_mean), h2.mean(0), rtol=1e-4, atol=1e-4
     )
-    np.testing.assert_allclose(second.moving_variance.numpy(), h2.var(0), rtol=1e-4)
+    np.testing.assert_allclose(_np(second.moving_variance), h2.var(0), rtol=1e-4)
 
 
 def test_inference_uses_the_recomputed_statistics(rng):
@@ -85,7 +89,7 @@ def test_inference_uses_the_recomputed_statistics(rng):
     h1 = _dense(model, "dense_1", x)
     expected = (h1 - h1.mean(0)) / np.sqrt(h1.var(0) + first.epsilon)
     submodel = keras.Sequential(model.layers[:2])
-    np.testing.assert_allclose(submodel(x, training=False), expected, atol=1e-4)
+    np.testing.assert_allclose(_np(submodel(x, training=False)), expected, atol=1e-4)
 
 
 def test_dataset_and_steps(rng):
@@ -107,9 +111,9 @@ def test_non_statistics_state_is_untouched(rng):
     x = rng.normal(size=(60, 6)).astype("float32")
     model(x, training=True)
     first = batch_norm_layers(model)[0]
-    assert int(first.num_batches.numpy()) == 1
+    assert int(_np(first.num_batches)) == 1
     recompute_statistics(model, x, batch_size=20, progress=False)
-    assert int(first.num_batches.numpy()) == 1
+    assert int(_np(first.num_batches)) == 1
 
 
 def test_nested_models_are_searched():
