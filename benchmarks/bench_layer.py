@@ -1,11 +1,17 @@
-"""Times bn_keras.BatchNorm against keras.layers.BatchNormalization.
+"""Times bn_keras.BatchNorm against keras.layers.BatchNormalization, on any backend.
 
 For each feature shape, a training step (forward, backward, SGD update of
-gamma and beta, moving-statistics update) and an inference call, each
-compiled with `tf.function`; the two layers' runs are interleaved and the
-ratio of medians is reported (below 1: ours is faster).
+gamma and beta, moving-statistics update) and an inference call, compiled as
+each backend compiles (`tf.function` on TensorFlow, `jax.jit` on JAX; torch
+runs eagerly, as Keras' torch backend does by default). The variants' runs are
+interleaved and each is reported as the ratio of its median time to Keras'
+median in the same run (below 1: faster than Keras). "bn_keras, no guards"
+is ours with the plain EMA update of Keras instead of the guarded one (no
+finiteness or count checks on the statistics): the difference is what the
+guards cost.
 
-Run from the repository root: `python -m benchmarks.bench_layer`.
+Run from the repository root, once per backend:
+`KERAS_BACKEND=jax python -m benchmarks.bench_layer`.
 """
 
 import argparse
@@ -17,15 +23,35 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+from keras import ops  # noqa: E402
 
 from bn_keras import BatchNorm  # noqa: E402
 
 SHAPES = {"dense (60, 100)": (60, 100), "NHWC (64, 32, 32, 64)": (64, 32, 32, 64)}
 
 
-def _compiled(layer, x):
-    layer.build(x.shape)
+class UnguardedBatchNorm(BatchNorm):
+    """Ours with Keras' unguarded update rule: the baseline for the guards' cost."""
+
+    def _update_statistics(self, batch_moments, ghosts):
+        mean = ops.reshape(batch_moments.mean + batch_moments.shift, self._param_shape)
+        variance = ops.reshape(batch_moments.variance, self._param_shape)
+        m = self.momentum
+        self.moving_mean.assign(self.moving_mean * m + mean * (1.0 - m))
+        self.moving_variance.assign(self.moving_variance * m + variance * (1.0 - m))
+
+
+VARIANTS = {
+    "keras": keras.layers.BatchNormalization,
+    "bn_keras": BatchNorm,
+    "bn_keras, no guards": UnguardedBatchNorm,
+}
+
+
+def _tensorflow_steps(layer, x):
+    import tensorflow as tf
+
+    x = tf.constant(x)
 
     @tf.function
     def train_step():
@@ -43,11 +69,83 @@ def _compiled(layer, x):
     return {"training step": train_step, "inference": inference}
 
 
+def _jax_steps(layer, x):
+    import jax
+    import jax.numpy as jnp
+
+    x = jnp.asarray(x)
+    state = {
+        "trainable": [v.value for v in layer.trainable_variables],
+        "non_trainable": [v.value for v in layer.non_trainable_variables],
+    }
+
+    def loss_fn(trainable, non_trainable):
+        y, non_trainable = layer.stateless_call(
+            trainable, non_trainable, x, training=True
+        )
+        return jnp.sum(jnp.square(y)), non_trainable
+
+    @jax.jit
+    def jitted_train(trainable, non_trainable):
+        (loss, non_trainable), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            trainable, non_trainable
+        )
+        trainable = [v - 1e-3 * g for v, g in zip(trainable, grads, strict=True)]
+        return loss, trainable, non_trainable
+
+    @jax.jit
+    def jitted_inference(trainable, non_trainable):
+        y, _ = layer.stateless_call(trainable, non_trainable, x, training=False)
+        return jnp.sum(y)
+
+    def train_step():
+        loss, state["trainable"], state["non_trainable"] = jitted_train(
+            state["trainable"], state["non_trainable"]
+        )
+        return loss
+
+    def inference():
+        return jitted_inference(state["trainable"], state["non_trainable"])
+
+    return {"training step": train_step, "inference": inference}
+
+
+def _torch_steps(layer, x):
+    import torch
+
+    x = torch.as_tensor(x)
+
+    def train_step():
+        loss = torch.sum(torch.square(layer(x, training=True)))
+        variables = layer.trainable_variables
+        grads = torch.autograd.grad(loss, [v.value for v in variables])
+        with torch.no_grad():
+            for variable, grad in zip(variables, grads, strict=True):
+                variable.value.sub_(1e-3 * grad)
+        return loss
+
+    def inference():
+        with torch.no_grad():
+            return torch.sum(layer(x, training=False))
+
+    return {"training step": train_step, "inference": inference}
+
+
+def _steps(layer, x):
+    layer.build(x.shape)
+    build = {
+        "tensorflow": _tensorflow_steps,
+        "jax": _jax_steps,
+        "torch": _torch_steps,
+    }[keras.backend.backend()]
+    return build(layer, x)
+
+
 def _time(fn, calls):
     start = time.perf_counter()
     for _ in range(calls):
         result = fn()
-    result.numpy()
+    ops.convert_to_numpy(result)  # waits for asynchronous backends
     return (time.perf_counter() - start) / calls
 
 
@@ -57,24 +155,33 @@ def main(argv=None):
     parser.add_argument("--calls", type=int, default=20, help="calls per round")
     args = parser.parse_args(argv)
     rng = np.random.default_rng(0)
-    print(f"median of {args.repeats} interleaved rounds of {args.calls} calls")
-    print(f"{'shape':24} {'':14} {'keras (ms)':>11} {'bn_keras (ms)':>14} {'ratio':>6}")
+    print(
+        f"backend {keras.backend.backend()}: median of {args.repeats} "
+        f"interleaved rounds of {args.calls} calls; ratio = time / Keras' time"
+    )
+    print(
+        f"{'shape':24} {'':14} {'keras (ms)':>11} "
+        + " ".join(f"{name:>20}" for name in list(VARIANTS)[1:])
+    )
     for label, shape in SHAPES.items():
-        x = tf.constant(rng.normal(1.0, 2.0, size=shape).astype("float32"))
-        ours = _compiled(BatchNorm(), x)
-        theirs = _compiled(keras.layers.BatchNormalization(), x)
-        for name in ours:
-            for fn in (ours[name], theirs[name]):
+        x = rng.normal(1.0, 2.0, size=shape).astype("float32")
+        steps = {name: _steps(make(), x) for name, make in VARIANTS.items()}
+        for step in ("training step", "inference"):
+            fns = {name: steps[name][step] for name in VARIANTS}
+            for fn in fns.values():
                 _time(fn, 3)  # trace and warm up
-            times = {"ours": [], "keras": []}
+            times = {name: [] for name in VARIANTS}
             for _ in range(args.repeats):
-                times["keras"].append(_time(theirs[name], args.calls))
-                times["ours"].append(_time(ours[name], args.calls))
-            keras_ms = statistics.median(times["keras"]) * 1e3
-            ours_ms = statistics.median(times["ours"]) * 1e3
+                for name, fn in fns.items():
+                    times[name].append(_time(fn, args.calls))
+            medians = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+            cells = [
+                f"{medians[name]:8.3f} ms {medians[name] / medians['keras']:5.2f}x"
+                for name in list(VARIANTS)[1:]
+            ]
             print(
-                f"{label:24} {name:14} {keras_ms:11.3f} {ours_ms:14.3f} "
-                f"{ours_ms / keras_ms:6.2f}"
+                f"{label:24} {step:14} {medians['keras']:11.3f} "
+                + " ".join(f"{c:>20}" for c in cells)
             )
 
 

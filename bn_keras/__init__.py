@@ -1,7 +1,11 @@
-"""bn_keras: batch normalization for Keras 3 with population statistics done right."""
+"""bn_keras: batch normalization for Keras 3 with population statistics done right.
+
+Importing `bn_keras` registers `BatchNorm` with Keras' serialization: import it
+before loading a `.keras` file that holds the layer.
+"""
 
 from bn_keras.batch_norm import BatchNorm
 from bn_keras.precise import batch_norm_layers, recompute_statistics
 
-__all__ = ["BatchNorm", "batch_norm_layers", "recompute_statistics"]
-__version__ = "0.1.0"
+__all__ = ["BatchNorm", "__version__", "batch_norm_layers", "recompute_statistics"]
+__version__ = "0.2.0"

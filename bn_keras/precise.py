@@ -95,6 +95,11 @@ def recompute_statistics(model, data, batch_size=None, steps=None, progress=True
         for step, x in enumerate(
             tqdm(batches, total=steps, disable=not progress, desc="precise BN")
         ):
+            if not _all_finite(x):
+                raise ValueError(
+                    f"Batch {step} of `data` holds a NaN or inf; nothing was "
+                    "recomputed."
+                )
             _, state = model.stateless_call(trainable, non_trainable, x, training=True)
             examples = int(ops.shape(x)[0])
             for layer, total, (mean_at, variance_at) in zip(
@@ -149,6 +154,11 @@ def _capture_batch_statistics(layer):
         layer.debias = False
         layer.unbiased_variance = False
     return saved
+
+
+def _all_finite(x):
+    values = ops.convert_to_numpy(x)
+    return not np.issubdtype(values.dtype, np.inexact) or np.isfinite(values).all()
 
 
 class _Pooled:

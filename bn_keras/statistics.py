@@ -37,15 +37,17 @@ def batch_contribution(moments, param_shape, unbiased_variance, ghosts):
     """
     mean = moments.mean + moments.shift
     variance = moments.variance
-    ok = ops.logical_and(ops.isfinite(mean), ops.isfinite(variance))
-    if not isinstance(moments.count, int):
-        ok = ops.logical_and(ok, moments.count > 1)
+    finite = ops.logical_and(ops.isfinite(mean), ops.isfinite(variance))
+    filled = True if isinstance(moments.count, int) else moments.count > 1
+    ok = ops.logical_and(finite, filled)
     if unbiased_variance:
         variance = variance * ops.cast(bessel_factor(moments.count), variance.dtype)
     if ghosts:
+        # Sub-batches without values (masked) do not enter the average; one
+        # that is not finite spoils the whole batch's feature.
         mean, used = virtual_batch.average(mean, ok)
         variance, _ = virtual_batch.average(variance, ok)
-        ok = used
+        ok = ops.logical_and(used, ops.all(finite, axis=0))
     return (
         ops.reshape(mean, param_shape),
         ops.reshape(variance, param_shape),
