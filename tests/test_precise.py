@@ -61,9 +61,7 @@ def test_statistics_are_those_of_the_data(impl, rng):
     result = recompute_statistics(model, x, batch_size=20, progress=False)
 
     h1 = _dense(model, "dense_1", x.astype("float64"))
-    np.testing.assert_allclose(
-        _np(first.moving_mean), h1.mean(0), rtol=1e-5, atol=1e-5
-    )
+    np.testing.assert_allclose(_np(first.moving_mean), h1.mean(0), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(_np(first.moving_variance), h1.var(0), rtol=1e-5)
     np.testing.assert_allclose(result[first.name][0], h1.mean(0), rtol=1e-5, atol=1e-5)
     for a, b in zip(before, model.trainable_weights, strict=True):
