@@ -290,10 +290,11 @@ class BatchNorm(keras.layers.Layer):
         else:
             outputs = normalize(
                 x,
-                self._broadcast(ops.cast(self.moving_mean, x.dtype)),
-                self._broadcast(ops.cast(self.moving_variance, x.dtype)),
-                self._parameter(self.gamma, x.dtype, self._broadcast_shape),
-                self._parameter(self.beta, x.dtype, self._broadcast_shape),
+                self._axes,
+                ops.cast(self.moving_mean, x.dtype),
+                ops.cast(self.moving_variance, x.dtype),
+                self._parameter(self.gamma, x.dtype),
+                self._parameter(self.beta, x.dtype),
                 self.epsilon,
             )
         return ops.cast(outputs, self.compute_dtype)
@@ -368,14 +369,14 @@ class BatchNorm(keras.layers.Layer):
             statistics.assign_average(self.moving_mean, mean, rate, keep, ok)
             statistics.assign_average(self.moving_variance, variance, rate, keep, ok)
 
-    def _parameter(self, variable, dtype, broadcast_shape):
-        """`gamma` or `beta` (None if off) cast and shaped to broadcast."""
+    def _parameter(self, variable, dtype, broadcast_shape=None):
+        """`gamma` or `beta` (None if off) cast, and shaped to broadcast if asked."""
         if variable is None:
             return None
-        return ops.reshape(ops.cast(variable, dtype), broadcast_shape)
-
-    def _broadcast(self, value):
-        return ops.reshape(value, self._broadcast_shape)
+        variable = ops.cast(variable, dtype)
+        if broadcast_shape is None:
+            return variable
+        return ops.reshape(variable, broadcast_shape)
 
     def get_config(self):
         config = {
