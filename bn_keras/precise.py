@@ -1,6 +1,9 @@
 """Precise BN: population statistics recomputed from training data after training."""
 
+from __future__ import annotations
+
 import itertools
+from typing import Any
 
 import keras
 import numpy as np
@@ -10,7 +13,7 @@ from tqdm.auto import tqdm
 from bn_keras.batch_norm import BatchNorm
 
 
-def batch_norm_layers(model):
+def batch_norm_layers(model: keras.Model) -> list[keras.layers.Layer]:
     """Every batch-normalization layer in `model` (ours and Keras'), in order."""
     types = (BatchNorm, keras.layers.BatchNormalization)
     # Keras has no public recursive walk; _flatten_layers also finds layers
@@ -22,7 +25,13 @@ def batch_norm_layers(model):
     ]
 
 
-def recompute_statistics(model, data, batch_size=None, steps=None, progress=True):
+def recompute_statistics(
+    model: keras.Model,
+    data: Any,
+    batch_size: int | None = None,
+    steps: int | None = None,
+    progress: bool = True,
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Recomputes every BN layer's `moving_mean` and `moving_variance` exactly.
 
     "Precise BN" (Wu & Johnson, 2021): with all weights frozen, the model runs
@@ -39,6 +48,10 @@ def recompute_statistics(model, data, batch_size=None, steps=None, progress=True
     of examples and its variance is the layer's (averaged over ghost
     batches), so the result approximates rather than equals the statistics of
     the values seen.
+
+    The old statistics are replaced, never blended in, so a NaN or inf state
+    (from a bad batch, or a bad checkpoint) is repaired. A batch of `data`
+    holding a NaN or inf raises `ValueError` and changes nothing.
 
     Nothing but the population statistics changes: the model runs statelessly,
     so trainable weights, other non-trainable weights (counters, renorm
