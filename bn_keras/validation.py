@@ -45,8 +45,8 @@ def resolve_axes(axis, rank, input_shape):
     for a in axes:
         if not -rank <= a < rank:
             raise ValueError(
-                f"`axis` {a} is out of range for an input of rank {rank} "
-                f"(shape {tuple(input_shape)}). Received: axis={axis}"
+                f"Axis {a} is out of bounds for input shape {tuple(input_shape)} "
+                f"(rank {rank}). Received: axis={axis}"
             )
         resolved.append(a % rank)
     if len(set(resolved)) != len(resolved):
@@ -126,8 +126,9 @@ def validate_renorm_clipping(clipping):
     unknown = sorted(set(clipping) - set(RENORM_CLIPPING_KEYS))
     if unknown:
         raise ValueError(
-            f"Unknown `renorm_clipping` keys {unknown}; supported keys are "
-            f"{RENORM_CLIPPING_KEYS}. Received: renorm_clipping={clipping}"
+            "Received invalid keys for `renorm_clipping` argument: "
+            f"{unknown}. Supported values: {list(RENORM_CLIPPING_KEYS)}. "
+            f"Received: renorm_clipping={clipping}"
         )
     try:
         clipping = {k: (None if v is None else float(v)) for k, v in clipping.items()}
@@ -139,8 +140,12 @@ def validate_renorm_clipping(clipping):
     rmax, rmin, dmax = (clipping.get(k) for k in RENORM_CLIPPING_KEYS)
     if rmax is not None and rmin is not None and rmax < rmin:
         raise ValueError(
-            f"`renorm_clipping` needs rmax >= rmin. Received: rmax={rmax}, rmin={rmin}"
+            "rmax should be greater than rmin in the `renorm_clipping` argument. "
+            f"Received: rmax={rmax}, rmin={rmin}"
         )
     if dmax is not None and dmax < 0:
-        raise ValueError(f"`renorm_clipping` needs dmax >= 0. Received: dmax={dmax}")
+        raise ValueError(
+            "dmax should be non-negative in the `renorm_clipping` argument. "
+            f"Received: dmax={dmax}"
+        )
     return clipping
