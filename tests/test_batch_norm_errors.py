@@ -179,7 +179,14 @@ def test_mask_of_the_wrong_rank(axis, shape, mask_shape):
         )
 
 
-@pytest.mark.skipif(BACKEND == "tensorflow", reason="synchronized works on TF.")
-def test_synchronized_needs_tensorflow():
-    with pytest.raises(ValueError, match="synchronized=True"):
-        BatchNorm(synchronized=True)
+def test_synchronized_is_accepted_on_every_backend(rng):
+    # Outside a distributed step there is one replica and nothing to
+    # synchronize; tests/test_distributed.py runs the layer inside one.
+    x = rng.normal(3.0, 2.0, (8, 4)).astype("float32")
+    synchronized, plain = BatchNorm(synchronized=True), BatchNorm()
+    for a, b in [
+        (synchronized(x, training=True), plain(x, training=True)),
+        (synchronized.moving_mean, plain.moving_mean),
+        (synchronized.moving_variance, plain.moving_variance),
+    ]:
+        np.testing.assert_array_equal(ops.convert_to_numpy(a), ops.convert_to_numpy(b))
