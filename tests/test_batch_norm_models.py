@@ -218,7 +218,7 @@ FULL_OPTIONS = {
     "renorm": True,
     "renorm_clipping": {"rmax": 3.0, "rmin": 0.5, "dmax": 1.0},
     "renorm_momentum": 0.9,
-    "synchronized": BACKEND == "tensorflow",
+    "synchronized": True,
     "debias": False,
     "unbiased_variance": True,
     "virtual_batch_size": 4,
