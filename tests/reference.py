@@ -51,7 +51,8 @@ def moments(x, axis, mask=None):
     """Mean, biased variance and value count per feature (Algorithm 1, lines 1-2).
 
     `mask` has the shape of `x` without its last axis (Keras' convention);
-    only entries where it is true count. A feature with no entry gets NaN moments and count 0.
+    only entries where it is true count. A feature with no entry gets NaN
+    moments and count 0.
     """
     x = np.asarray(x, np.float64)
     reduced = reduction_axes(axis, x.ndim)
