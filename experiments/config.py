@@ -8,6 +8,7 @@ wrong type is an error, never a silent default.
 """
 
 import json
+import math
 import tomllib
 from pathlib import Path
 
@@ -30,8 +31,9 @@ DEFAULTS = {
     "bn_epsilon": 1e-3,
     # Neurons of the last hidden layer whose sigmoid inputs are recorded.
     "neurons": [0, 1, 2, 3, 4],
-    # Data: "vendored" (data/mnist), "dir" (data_dir), or "tfds".
-    "data_source": "vendored",
+    # Data: "auto" ($BN_KERAS_MNIST_DIR if set, else "vendored"), "vendored"
+    # (data/mnist), "dir" (data_dir), or "tfds" (already prepared; no download).
+    "data_source": "auto",
     "data_dir": "",
     # Check the MD5 of each IDX file against the published sums.
     "data_verify": True,
@@ -66,12 +68,14 @@ SWEEP_DEFAULTS = {
 
 CHOICES = {
     "bn_impl": ("bn_keras", "keras"),
-    "data_source": ("vendored", "dir", "tfds"),
+    "data_source": ("auto", "vendored", "dir", "tfds"),
     "loop": ("fast", "simple"),
     "evaluation": ("shared", "separate"),
 }
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+# Seeds feed NumPy's and Keras' generators, which take 32-bit unsigned seeds.
+MAX_SEED = 2**32 - 1
 
 
 class ConfigError(ValueError):
@@ -91,23 +95,56 @@ def load_config(path=None, overrides=(), defaults=DEFAULTS):
     config = dict(defaults)
     if path is not None:
         path = Path(path)
-        try:
-            with path.open("rb") as f:
-                values = tomllib.load(f)
-        except FileNotFoundError:
-            raise ConfigError(
-                f"config file {path} does not exist; the shipped ones are in "
-                f"{CONFIG_DIR}"
-            ) from None
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
-        for key, value in values.items():
+        for key, value in read_config_file(path).items():
             config[key] = _checked(key, value, f"in {path}", defaults)
     for item in overrides:
         key, value = _parse_override(item)
         config[key] = _checked(key, value, f"in --set {item}", defaults)
     _validate(config)
     return config
+
+
+def config_from_mapping(values, defaults, where):
+    """Checks a whole config read back (a run's config.json) like a new one.
+
+    Raises:
+        ConfigError: A key is unknown or missing, or a value is invalid.
+    """
+    missing = sorted(set(defaults) - set(values))
+    if missing:
+        raise ConfigError(f"config {where} lacks the keys {', '.join(missing)}")
+    config = {
+        key: _checked(key, value, where, defaults) for key, value in values.items()
+    }
+    _validate(config)
+    return config
+
+
+def read_config_file(path):
+    """The `key = value` table of the TOML file at `path`; ConfigError if unusable."""
+    path = Path(path)
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(
+            f"config file {path} does not exist; the shipped ones are in {CONFIG_DIR}"
+        ) from None
+    except IsADirectoryError:
+        raise ConfigError(
+            f"config file {path} is a folder; give a .toml file such as "
+            f"{CONFIG_DIR / 'smoke.toml'}"
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    try:
+        return tomllib.loads(text.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text (byte {e.start}); a config is "
+            "a TOML file of key = value lines"
+        ) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
 
 
 def _parse_override(item):
@@ -124,8 +161,10 @@ def _parse_override(item):
 
 def _checked(key, value, where, defaults):
     if key not in defaults:
+        from_file = not where.startswith("in --set")
+        hint = " (is it a config for another experiment?)" if from_file else ""
         raise ConfigError(
-            f"unknown config key {key!r} {where}; known keys: "
+            f"unknown config key {key!r} {where}{hint}; known keys: "
             f"{', '.join(sorted(defaults))}"
         )
     default = defaults[key]
@@ -164,11 +203,33 @@ def _checked_list(key, values, where, kind):
 
 def _validate(config):
     """Checks that need the whole config; raises ConfigError naming the key."""
+    for key, value in config.items():
+        values = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            raise ConfigError(
+                f"config key {key!r} must hold finite numbers. Received: {value!r}"
+            )
     positive = ("batch_size", "steps", "eval_every", "learning_rate", "init_stddev")
     for key in positive:
         if key in config and not config[key] > 0:
             raise ConfigError(
                 f"config key {key!r} must be positive. Received: {config[key]!r}"
+            )
+    for key in ("seed", "seeds"):
+        values = config.get(key, [])
+        values = values if isinstance(values, list) else [values]
+        if not all(0 <= v <= MAX_SEED for v in values):
+            raise ConfigError(
+                f"config key {key!r} must hold seeds from 0 to 2**32 - 1 = "
+                f"{MAX_SEED}. Received: {config[key]!r}"
+            )
+    for key in ("seeds", "learning_rates", "neurons"):
+        values = config.get(key, [])
+        if len(set(values)) != len(values):
+            repeated = sorted({v for v in values if values.count(v) > 1})
+            raise ConfigError(
+                f"config key {key!r} lists {repeated[0]!r} more than once; each "
+                f"value counts once. Received: {config[key]!r}"
             )
     if min(config["hidden_units"]) < 1:
         raise ConfigError(
@@ -207,6 +268,8 @@ def _validate(config):
             raise ConfigError(
                 f"config key {key!r} must be >= 0 (0: all). Received: {config[key]!r}"
             )
+    if 0 < config["train_examples"] < config["batch_size"]:
+        _batch_too_large(config, config["train_examples"])
     if min(config.get("learning_rates", [1.0])) <= 0:
         raise ConfigError(
             f"config key 'learning_rates' must be positive. Received: "
@@ -217,8 +280,45 @@ def _validate(config):
             f"config key 'precise_bn_batches' must be positive. Received: "
             f"{config['precise_bn_batches']!r}"
         )
-    if config["data_source"] == "vendored" and config["data_dir"]:
+    if config["data_source"] in ("vendored", "auto") and config["data_dir"]:
         raise ConfigError(
-            "config key 'data_dir' is set but 'data_source' is 'vendored'; use "
-            "data_source='dir' (or --data-dir) to read your own folder"
+            f"config key 'data_dir' is set but 'data_source' is "
+            f"{config['data_source']!r}; use data_source='dir' (or --data-dir) to "
+            "read your own folder"
         )
+
+
+def _batch_too_large(config, available):
+    raise ConfigError(
+        f"config key 'batch_size' ({config['batch_size']}) is larger than the "
+        f"{available} training examples used; a mini-batch would repeat "
+        "examples. Lower batch_size or raise train_examples"
+    )
+
+
+def check_data_size(config, num_train, num_test):
+    """Checks the config against the data actually loaded.
+
+    Args:
+        config: A validated config.
+        num_train: Number of training examples the source holds.
+        num_test: Number of test examples the source holds.
+
+    Raises:
+        ConfigError: `train_examples` or `test_examples` asks for more
+            examples than there are, or `batch_size` exceeds the training
+            examples used.
+    """
+    for key, available, split in (
+        ("train_examples", num_train, "training"),
+        ("test_examples", num_test, "test"),
+    ):
+        if config[key] > available:
+            raise ConfigError(
+                f"config key {key!r} ({config[key]}) is larger than the "
+                f"{available} {split} examples of the data; use at most "
+                f"{available} (0: all)"
+            )
+    used = config["train_examples"] or num_train
+    if config["batch_size"] > used:
+        _batch_too_large(config, used)

@@ -1,5 +1,10 @@
 """MNIST as NumPy arrays, from the vendored copy, a folder of IDX files, or TFDS.
 
+The default source, `"auto"`, reads the folder named by `$BN_KERAS_MNIST_DIR`
+when that is set (reporting its problems, never passing over it) and the
+vendored copy otherwise. TFDS is only read, never downloaded: offline, a
+download would retry for minutes before failing.
+
 Every source yields the same `Mnist` tuple: images as float32 in `[0, 1]`
 flattened to 784 values, labels as int32. The IDX reader checks each file's
 header, size and (by default) the MD5 of its decompressed bytes, and reports any
@@ -12,8 +17,10 @@ Reference:
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
+import logging
 import math
 import os
 import pathlib
@@ -22,7 +29,7 @@ import zlib
 
 import numpy as np
 
-SOURCES = ("vendored", "dir", "tfds")
+SOURCES = ("auto", "vendored", "dir", "tfds")
 DEFAULT_DATA_DIR = pathlib.Path(__file__).resolve().parents[1] / "data" / "mnist"
 ENV_VAR = "BN_KERAS_MNIST_DIR"
 
@@ -60,8 +67,42 @@ class Mnist(typing.NamedTuple):
     y_test: np.ndarray
 
 
+def resolve_source(
+    source: str = "auto", data_dir: str | os.PathLike | None = None
+) -> tuple[str, str | None]:
+    """The source and folder `load_mnist(source, data_dir)` reads.
+
+    `"auto"` becomes `"dir"` with `$BN_KERAS_MNIST_DIR` when that is set
+    (non-empty), else `"vendored"`; `"dir"` without `data_dir` takes the
+    variable. Folders are made absolute, so that a run's recorded config
+    names the data wherever it is read from.
+    """
+    from_env = os.environ.get(ENV_VAR) or None
+    if source == "auto":
+        if data_dir is not None:
+            source = "dir"
+        else:
+            source, data_dir = ("dir", from_env) if from_env else ("vendored", None)
+    elif source == "dir" and data_dir is None:
+        data_dir = from_env
+    if data_dir is not None and source in ("dir", "tfds"):
+        data_dir = os.fspath(pathlib.Path(data_dir).expanduser().absolute())
+    return source, data_dir
+
+
+def environment_note(source: str) -> str | None:
+    """A line saying that `$BN_KERAS_MNIST_DIR` is set but `source` ignores it."""
+    value = os.environ.get(ENV_VAR)
+    if value and source in ("vendored", "tfds"):
+        return (
+            f"{ENV_VAR}={value} is set, but data_source={source!r} was chosen, "
+            f"so it is not read (use data_source='auto' or 'dir' to read it)"
+        )
+    return None
+
+
 def load_mnist(
-    source: str = "vendored",
+    source: str = "auto",
     data_dir: str | os.PathLike | None = None,
     *,
     verify: bool = True,
@@ -69,10 +110,12 @@ def load_mnist(
     """Loads MNIST from one of `SOURCES`.
 
     Args:
-        source: `"vendored"` reads the copy shipped in `DEFAULT_DATA_DIR`;
+        source: `"auto"` reads `$BN_KERAS_MNIST_DIR` if set, else the vendored
+            copy; `"vendored"` reads the copy shipped in `DEFAULT_DATA_DIR`;
             `"dir"` reads the four standard IDX files (gzipped or not) from
-            `data_dir`, or else from `$BN_KERAS_MNIST_DIR`; `"tfds"` calls
-            `tfds.load("mnist", data_dir=data_dir)`.
+            `data_dir`, or else from `$BN_KERAS_MNIST_DIR`; `"tfds"` reads
+            TFDS' prepared `mnist` from `data_dir` (or TFDS' default folder)
+            without downloading.
         data_dir: The folder for `"dir"` and `"tfds"`; must be None for
             `"vendored"`.
         verify: Whether to check the MD5 of each decompressed IDX file against
@@ -84,8 +127,12 @@ def load_mnist(
 
     Raises:
         DataError: The source is unknown, or a file is missing, truncated,
-            malformed or fails its checksum.
+            malformed or fails its checksum, or TFDS' copy is not prepared.
     """
+    if source not in SOURCES:
+        raise DataError(
+            f"unknown MNIST source {source!r}; choose one of {', '.join(SOURCES)}"
+        )
     if source == "vendored":
         if data_dir is not None:
             raise DataError(
@@ -94,19 +141,36 @@ def load_mnist(
                 "to read another folder"
             )
         return _load_idx_dir(DEFAULT_DATA_DIR, verify=verify)
-    if source == "dir":
-        if data_dir is None:
-            data_dir = os.environ.get(ENV_VAR) or None
-        if data_dir is None:
-            raise DataError(
-                f"source 'dir' needs a folder of MNIST IDX files; pass "
-                f"--data-dir DIR or set {ENV_VAR}"
-            )
-        return _load_idx_dir(pathlib.Path(data_dir).expanduser(), verify=verify)
+    from_env = data_dir is None and source in ("auto", "dir")
+    source, data_dir = resolve_source(source, data_dir)
+    if source == "vendored":
+        return _load_idx_dir(DEFAULT_DATA_DIR, verify=verify)
     if source == "tfds":
         return _load_tfds(data_dir)
-    raise DataError(
-        f"unknown MNIST source {source!r}; choose one of {', '.join(SOURCES)}"
+    if data_dir is None:
+        raise DataError(
+            f"source 'dir' needs a folder of MNIST IDX files; pass "
+            f"--data-dir DIR or set {ENV_VAR}"
+        )
+    try:
+        return _load_idx_dir(pathlib.Path(data_dir), verify=verify)
+    except DataError as err:
+        if from_env:
+            raise DataError(
+                f"{ENV_VAR}={os.environ[ENV_VAR]} (set in the environment): {err}; "
+                f"or unset {ENV_VAR} to use the vendored copy"
+            ) from None
+        raise
+
+
+def select(data: Mnist, train_examples: int = 0, test_examples: int = 0) -> Mnist:
+    """The first `train_examples` / `test_examples` examples (0: all)."""
+    train, test = train_examples or None, test_examples or None
+    return Mnist(
+        data.x_train[:train],
+        data.y_train[:train],
+        data.x_test[:test],
+        data.y_test[:test],
     )
 
 
@@ -263,27 +327,47 @@ def _to_float(images: np.ndarray) -> np.ndarray:
     return flat
 
 
-def _load_tfds(data_dir: str | os.PathLike | None) -> Mnist:
-    where = f"data_dir={os.fspath(data_dir)!r}" if data_dir else "its default data_dir"
+def _load_tfds(data_dir: str | None) -> Mnist:
+    where = data_dir or "TFDS' default folder ($TFDS_DATA_DIR or ~/tensorflow_datasets)"
+    prepare = (
+        "python -c \"import tensorflow_datasets as tfds; tfds.builder('mnist'"
+        + (f", data_dir='{data_dir}'" if data_dir else "")
+        + ').download_and_prepare()"'
+    )
     try:
+        from experiments.quiet import import_tensorflow
+
+        import_tensorflow()
         import tensorflow_datasets as tfds
 
-        splits = tfds.load(
-            "mnist",
-            split=["train", "test"],
-            as_supervised=True,
-            data_dir=None if data_dir is None else os.fspath(data_dir),
-        )
+        # TFDS logs its own warnings about a missing folder before failing;
+        # the one line below says it all.
+        with _quiet_absl():
+            splits = tfds.load(
+                "mnist",
+                split=["train", "test"],
+                as_supervised=True,
+                data_dir=data_dir,
+                download=False,
+            )
         # Fixed batches, not batch_size=-1: that sizes one batch from the split
         # metadata, and without it (tfds.testing.mock_data) asks for sys.maxsize
         # and aborts the process.
         arrays = [[(x, y) for x, y in tfds.as_numpy(ds.batch(10_000))] for ds in splits]
+    except AssertionError as err:
+        if "could not find data" not in str(err):
+            raise
+        raise DataError(
+            f"tfds: 'mnist' is not prepared in {where}, and the experiments do not "
+            f"download it; prepare it once with network access: {prepare}, or use "
+            "the vendored copy (the default) or --data-dir"
+        ) from None
     except Exception as err:
         reason = (str(err).strip().splitlines() or [""])[0]
         raise DataError(
             f"tfds: cannot load 'mnist' from {where} ({type(err).__name__}: "
-            f"{reason}); check the TFDS cache or your connection, or use "
-            "--data-dir or the vendored copy"
+            f"{reason}); prepare it with {prepare}, or use --data-dir or the "
+            "vendored copy"
         ) from err
     (x_train, y_train), (x_test, y_test) = (
         (
@@ -298,3 +382,15 @@ def _load_tfds(data_dir: str | os.PathLike | None) -> Mnist:
         _to_float(x_test),
         y_test.astype(np.int32),
     )
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+    """Raises the `absl` Python logger to ERROR for the duration."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)

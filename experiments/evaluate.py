@@ -15,11 +15,23 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from experiments.metrics import (
+    BATCH_STATS,
+    BN,
+    BN_BATCH_STATS,
+    BN_POPULATION,
+    PERCENTILES,
+    PLAIN,
+    POPULATION,
+)
 from experiments.models import is_batch_norm
 
-PERCENTILES = (15, 50, 85)
-POPULATION = "population"
-BATCH_STATS = "batch_stats"
+# The accuracy curve of each network run in each mode.
+CURVES = {
+    (PLAIN, POPULATION): PLAIN,
+    (BN, POPULATION): BN_POPULATION,
+    (BN, BATCH_STATS): BN_BATCH_STATS,
+}
 
 
 def normalize_with_batch_stats(layer, x):
@@ -58,7 +70,8 @@ def forward(model, x, modes=(POPULATION,)):
 
 
 def summarize_activations(values):
-    """`(N, k)` values -> `(k, 4)`: the 15th, 50th, 85th percentiles and mean."""
+    """`(N, k)` values -> `(k, 4)`: the `STATISTICS` (15th, 50th, 85th
+    percentiles and mean) of each column."""
     quantiles = ops.quantile(values, [p / 100 for p in PERCENTILES], axis=0)
     return ops.concatenate(
         [ops.transpose(quantiles), ops.mean(values, axis=0)[:, None]], axis=1
@@ -73,9 +86,9 @@ def correct(logits, labels):
 class Evaluator:
     """Test accuracy of both networks and sigmoid-input statistics.
 
-    Calling it returns a dict of NumPy values:
-    `accuracy_plain`, `accuracy_bn_population`, `accuracy_bn_batch_stats`,
-    and `activations_plain`, `activations_bn`, each `(len(neurons), 4)`.
+    Calling it returns `{"accuracy": {curve: float}, "activations": {network:
+    (len(neurons), 4) array}}`, with the curves of `ACCURACY_CURVES` and the
+    networks `PLAIN` and `BN` (population statistics).
 
     With `shared=True`, one compiled call computes everything, and the BN
     network's population and batch-statistics passes share their first
@@ -90,40 +103,40 @@ class Evaluator:
         self.neurons = tf.constant(neurons, dtype="int32")
         # Graph mode, not XLA: for a (10000, 784) matmul oneDNN is faster here.
         if shared:
-            self._parts = [tf.function(self._all)]
+            self._parts = [
+                tf.function(
+                    lambda: self._summaries(
+                        {PLAIN: (POPULATION,), BN: (POPULATION, BATCH_STATS)}
+                    )
+                )
+            ]
         else:
             self._parts = [
-                tf.function(lambda: self._summaries("plain", (POPULATION,))),
-                tf.function(lambda: self._summaries("bn", (POPULATION,))),
-                tf.function(lambda: self._summaries("bn", (BATCH_STATS,))),
+                tf.function(lambda n=n, m=m: self._summaries({n: (m,)}))
+                for n, m in CURVES
             ]
 
-    def _all(self):
-        return {
-            **self._summaries("plain", (POPULATION,)),
-            **self._summaries("bn", (POPULATION, BATCH_STATS)),
-        }
-
-    def _summaries(self, name, modes):
-        outputs = forward(getattr(self.networks, name), self.x, modes)
-        values = {}
-        for mode, (logits, sigmoid_input) in outputs.items():
-            key = name if name == "plain" else f"{name}_{mode}"
-            values[f"accuracy_{key}"] = correct(logits, self.y)
-            if mode == POPULATION:
-                values[f"activations_{name}"] = summarize_activations(
-                    tf.gather(sigmoid_input, self.neurons, axis=1)
-                )
-        return values
+    def _summaries(self, modes_by_network):
+        accuracy, activations = {}, {}
+        for name, modes in modes_by_network.items():
+            outputs = forward(getattr(self.networks, name), self.x, modes)
+            for mode, (logits, sigmoid_input) in outputs.items():
+                accuracy[CURVES[name, mode]] = correct(logits, self.y)
+                if mode == POPULATION:
+                    activations[name] = summarize_activations(
+                        tf.gather(sigmoid_input, self.neurons, axis=1)
+                    )
+        return {"accuracy": accuracy, "activations": activations}
 
     def __call__(self):
-        values = {}
+        accuracy, activations = {}, {}
         for part in self._parts:
-            values.update({key: value.numpy() for key, value in part().items()})
-        for key in values:
-            if key.startswith("accuracy"):
-                values[key] = int(values[key]) / len(self.y)
-        return values
+            values = part()
+            for curve, count in values["accuracy"].items():
+                accuracy[curve] = int(count) / len(self.y)
+            for name, summary in values["activations"].items():
+                activations[name] = summary.numpy()
+        return {"accuracy": accuracy, "activations": activations}
 
 
 def single_example_check(model, x_test, y_test, first=100):

@@ -1,87 +1,49 @@
-"""One run of the MNIST experiment: config -> data -> networks -> train -> outputs.
+"""One run of the MNIST experiment (Figure 1): networks -> train -> outputs.
 
-Everything a run produces goes into one folder: the resolved config, the
-metrics file, the figures, both trained networks and a summary table.
+The run folder, the data and the config come from `experiments.cli.execute`;
+this module trains, evaluates and writes the models, the metrics file, the
+figures and a summary table into the folder.
 """
 
-import json
-import math
 import platform
 import time
-from pathlib import Path
 
 import keras
 import tensorflow as tf
 
 from experiments import plots
-from experiments.data import load_mnist
 from experiments.evaluate import Evaluator, single_example_check
+from experiments.metrics import (
+    ACCURACY_CURVES,
+    BATCH_STATS,
+    BN,
+    BN_BATCH_STATS,
+    BN_POPULATION,
+    METRICS_FILE,
+    PLAIN,
+    POPULATION,
+    STATISTICS,
+    SUMMARY_FILE,
+    finite_lists,
+    finite_or_none,
+)
 from experiments.models import build_networks
 from experiments.train import train_and_evaluate
 
-STATISTICS = ("p15", "p50", "p85", "mean")
 
+def run(run_dir, config, data, progress=True):
+    """Runs the experiment described by `config` on `data`, writing into `run_dir`.
 
-def prepare_output_dir(out_dir):
-    """Creates `out_dir`; refuses one that already holds files (no overwrite)."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FileExistsError(
-            f"output folder {out_dir} is a file; choose another --out"
-        )
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(
-            f"output folder {out_dir} already holds files; choose another --out "
-            "(runs are never overwritten)"
-        )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return out_dir
+    Args:
+        run_dir: The claimed `experiments.run.RunDir`.
+        config: The run's config (see `experiments.config.DEFAULTS`).
+        data: The `Mnist` arrays to train and test on.
+        progress: Whether to show a progress bar and print the summary.
 
-
-def start_run(config, out_dir):
-    """Prepares `out_dir`, loads the data, then records the config there.
-
-    Returns `(out_dir, data)`. The config is written only once the data has
-    loaded, so a run stopped by a data error leaves the folder empty.
-    """
-    out_dir = prepare_output_dir(out_dir)
-    data = load_data(config)
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return out_dir, data
-
-
-def finish_run(out_dir, metrics, plot, summary, progress):
-    """Writes `metrics.json`, draws its figures with `plot(path)`, and writes
-    (and prints, if `progress`) the summary table."""
-    metrics_path = out_dir / "metrics.json"
-    metrics_path.write_text(json.dumps(metrics, indent=1) + "\n")
-    plot(metrics_path)
-    (out_dir / "summary.md").write_text(summary)
-    if progress:
-        print(summary)
-        print(f"Outputs in {out_dir}")
-
-
-def load_data(config):
-    data = load_mnist(
-        config["data_source"], config["data_dir"] or None, verify=config["data_verify"]
-    )
-    train, test = config["train_examples"] or None, config["test_examples"] or None
-    return type(data)(
-        data.x_train[:train],
-        data.y_train[:train],
-        data.x_test[:test],
-        data.y_test[:test],
-    )
-
-
-def run(config, out_dir, progress=True):
-    """Runs the experiment described by `config`, writing into `out_dir`.
-
-    Returns the metrics dict, also written to `out_dir/metrics.json`.
+    Returns:
+        The metrics dict, also written to `metrics.json`.
     """
     start = time.perf_counter()
-    out_dir, data = start_run(config, out_dir)
     keras.utils.set_random_seed(config["seed"])
     networks = build_networks(config)
     evaluator = Evaluator(
@@ -91,42 +53,61 @@ def run(config, out_dir, progress=True):
         config["neurons"],
         shared=config["evaluation"] == "shared",
     )
-    records = train_and_evaluate(networks, data, config, evaluator, progress=progress)
+    records = train_and_evaluate(
+        networks, data, config, evaluator, progress=progress, report=run_dir.progress
+    )
+    run_dir.stage("single-example check")
     single = single_example_check(networks.bn, data.x_test, data.y_test)
-    networks.plain.save(out_dir / "plain.keras")
-    networks.bn.save(out_dir / "bn.keras")
-
+    run_dir.stage("saving models")
+    for name, model in zip((PLAIN, BN), networks, strict=True):
+        with run_dir.atomic(f"{name}.keras") as path:
+            model.save(path)
+    run_dir.checkpoint("models saved")
     metrics = collect_metrics(config, records, single)
     metrics["wall_seconds"] = time.perf_counter() - start
-    finish_run(out_dir, metrics, plots.plot_all, summary_table(metrics), progress)
+    write_outputs(run_dir, metrics, plots.plot_all, summary_table(metrics), progress)
     return metrics
 
 
+def write_outputs(run_dir, metrics, plot, summary, progress):
+    """Writes `metrics.json`, then the figures `plot(path, out_dir)` draws from
+    it, then `summary.md`; prints the summary if `progress`."""
+    run_dir.stage("writing outputs")
+    run_dir.write_json(METRICS_FILE, metrics)
+    run_dir.checkpoint("metrics written")
+    plot(run_dir.file(METRICS_FILE), run_dir.path)
+    run_dir.checkpoint("figures written")
+    run_dir.write_text(SUMMARY_FILE, summary)
+    run_dir.checkpoint("summary written")
+    if progress:
+        print(summary)
+        print(f"Outputs in {run_dir.path}")
+
+
 def collect_metrics(config, records, single):
+    """The metrics file's content; every float is finite or None (null)."""
     last = records[-1]
     return {
         "config": config,
         "steps": [r["step"] for r in records],
         "accuracy": {
-            "plain": [float(r["accuracy_plain"]) for r in records],
-            "bn_population": [float(r["accuracy_bn_population"]) for r in records],
-            "bn_batch_stats": [float(r["accuracy_bn_batch_stats"]) for r in records],
+            curve: [r["accuracy"][curve] for r in records] for curve in ACCURACY_CURVES
         },
+        # null at step 0 (no training yet) and where the loss was not finite.
         "train_loss": {
-            "plain": [finite_or_none(r["train_loss"][0]) for r in records],
-            "bn": [finite_or_none(r["train_loss"][1]) for r in records],
+            name: [finite_or_none(r["train_loss"][i]) for r in records]
+            for i, name in enumerate((PLAIN, BN))
         },
         "activations": {
             "neurons": list(config["neurons"]),
             "statistics": list(STATISTICS),
-            "plain": [r["activations_plain"].tolist() for r in records],
-            "bn": [r["activations_bn"].tolist() for r in records],
+            # null where the sigmoid input was not finite (a diverged network).
+            **{
+                name: finite_lists([r["activations"][name] for r in records])
+                for name in (PLAIN, BN)
+            },
         },
-        "final_accuracy": {
-            "plain": float(last["accuracy_plain"]),
-            "bn_population": float(last["accuracy_bn_population"]),
-            "bn_batch_stats": float(last["accuracy_bn_batch_stats"]),
-        },
+        "final_accuracy": {curve: last["accuracy"][curve] for curve in ACCURACY_CURVES},
         "single_example": single,
         "environment": {
             "python": platform.python_version(),
@@ -138,29 +119,24 @@ def collect_metrics(config, records, single):
     }
 
 
-def finite_or_none(value):
-    """JSON has no NaN: a loss that is not a number is written as null."""
-    return value if math.isfinite(value) else None
-
-
 def summary_table(metrics):
     final = metrics["final_accuracy"]
     single = metrics["single_example"]
     steps = metrics["steps"][-1]
-    own = single["batch_stats"]
+    own = single[BATCH_STATS]
     histogram = own["predicted_class_histogram"]
     majority = histogram.index(max(histogram))
     rows = [
-        ("Without BN", final["plain"]),
-        ("With BN, population statistics (inference)", final["bn_population"]),
-        ("With BN, test-set batch statistics", final["bn_batch_stats"]),
+        ("Without BN", final[PLAIN]),
+        ("With BN, population statistics (inference)", final[BN_POPULATION]),
+        ("With BN, test-set batch statistics", final[BN_BATCH_STATS]),
         (
             "With BN, one example at a time, population statistics",
-            single["population"]["accuracy"],
+            single[POPULATION]["accuracy"],
         ),
         (
             "With BN, one example at a time, its own batch statistics",
-            single["batch_stats"]["accuracy"],
+            single[BATCH_STATS]["accuracy"],
         ),
     ]
     lines = [
@@ -173,6 +149,6 @@ def summary_table(metrics):
         f"One example at a time with its own batch statistics predicts class "
         f"{majority} for {own['majority_class_fraction']:.1%} of the test set; "
         "with population statistics its predictions agree with batched "
-        f"inference on {single['population']['agreement_with_batched']:.2%} of it.",
+        f"inference on {single[POPULATION]['agreement_with_batched']:.2%} of it.",
     ]
     return "\n".join(lines) + "\n"

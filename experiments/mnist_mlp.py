@@ -9,23 +9,30 @@ import sys
 
 from experiments import cli
 from experiments.config import DEFAULTS
+from experiments.run import Experiment
 
-DESCRIPTION = (
-    "Train a sigmoid MLP (784-100-100-10 by default) on MNIST with and without "
-    "batch normalization from the same initial weights, record test accuracy and "
-    "sigmoid-input statistics, plot the paper's Figure 1, and run the "
-    "single-example inference check."
+
+def run(run_dir, config, data, progress=True):
+    from experiments import experiment  # imports TensorFlow
+
+    return experiment.run(run_dir, config, data, progress)
+
+
+EXPERIMENT = Experiment(
+    name="mnist_mlp",
+    description=(
+        "Train a sigmoid MLP (784-100-100-10 by default) on MNIST with and "
+        "without batch normalization from the same initial weights, record test "
+        "accuracy and sigmoid-input statistics, plot the paper's Figure 1, and "
+        "run the single-example inference check."
+    ),
+    defaults=DEFAULTS,
+    body=run,
 )
 
 
-def run(config, out_dir, progress=True):
-    from experiments import experiment  # imports TensorFlow
-
-    return experiment.run(config, out_dir, progress)
-
-
 def main(argv=None):
-    return cli.main(argv, "experiments.mnist_mlp", DESCRIPTION, DEFAULTS, run)
+    return cli.main(argv, EXPERIMENT)
 
 
 if __name__ == "__main__":

@@ -1,63 +1,120 @@
-"""Figure 1 of the BN paper, drawn from a run's metrics file."""
+"""The experiments' figures, drawn from a run's metrics file.
 
-import json
+Each figure is written like every other output: to a temporary name, then
+renamed into place (`experiments.run.atomic_path`).
+"""
+
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
+
+from experiments.metrics import (  # noqa: E402
+    BATCH_STATS,
+    BN,
+    BN_BATCH_STATS,
+    BN_POPULATION,
+    CUMULATIVE,
+    DEBIASED_EMA,
+    EMA,
+    MEAN,
+    P15,
+    P50,
+    P85,
+    PLAIN,
+    PRECISE,
+)
+from experiments.run import atomic_path, read_json  # noqa: E402
 
 FIGURES = ("accuracy.png", "sigmoid_input_percentiles.png", "sigmoid_input_means.png")
 
 
+def save(fig, path):
+    """Saves `fig` to `path` atomically and closes it; returns `path`."""
+    try:
+        with atomic_path(path) as temp:
+            fig.savefig(temp, dpi=120, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return Path(path)
+
+
+def _load(metrics_path, out_dir):
+    metrics_path = Path(metrics_path)
+    out_dir = Path(out_dir) if out_dir is not None else metrics_path.parent
+    return read_json(metrics_path), out_dir
+
+
 def plot_all(metrics_path, out_dir=None):
-    """Writes the three figures next to `metrics_path` (or into `out_dir`).
+    """Writes Figure 1's three figures next to `metrics_path` (or into `out_dir`).
 
     Returns the paths written.
     """
-    metrics_path = Path(metrics_path)
-    out_dir = Path(out_dir) if out_dir is not None else metrics_path.parent
-    metrics = json.loads(metrics_path.read_text())
-    paths = []
-    for name, draw in zip(FIGURES, (_accuracy, _percentiles, _means), strict=True):
-        fig = draw(metrics)
-        path = out_dir / name
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-        plt.close(fig)
-        paths.append(path)
-    return paths
+    metrics, out_dir = _load(metrics_path, out_dir)
+    return [
+        save(draw(metrics), out_dir / name)
+        for name, draw in zip(FIGURES, (_accuracy, _percentiles, _means), strict=True)
+    ]
+
+
+ACCURACY_STYLES = {
+    PLAIN: ("Without BN", "tab:blue", "-"),
+    BN_POPULATION: ("With BN (population statistics)", "tab:red", "-"),
+    BN_BATCH_STATS: ("With BN (test-set batch statistics)", "tab:red", ":"),
+}
 
 
 def _accuracy(metrics):
+    """Panel (a): the whole run on a logarithmic step axis and the whole
+    accuracy range, so that the early lag of the population estimate shows,
+    with an inset zooming on the last 90% of training."""
     steps = np.asarray(metrics["steps"])
-    accuracy = metrics["accuracy"]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    ax.plot(steps, accuracy["plain"], label="Without BN", color="tab:blue")
-    ax.plot(
-        steps,
-        accuracy["bn_population"],
-        label="With BN (population statistics)",
-        color="tab:red",
+    accuracy = {k: np.asarray(v, dtype=float) for k, v in metrics["accuracy"].items()}
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    after_start = steps > 0  # step 0 has no place on a log axis
+    late = steps >= steps[-1] / 10
+    inset = ax.inset_axes([0.47, 0.08, 0.5, 0.45])
+    for target, keep in ((ax, after_start), (inset, late)):
+        for curve, (label, color, style) in ACCURACY_STYLES.items():
+            target.plot(
+                steps[keep],
+                accuracy[curve][keep],
+                style,
+                color=color,
+                label=label,
+                linewidth=1,
+            )
+        target.grid(alpha=0.3)
+    ax.set_xscale("log")
+    ax.set_xlim(steps[after_start][0], steps[-1])
+    low = min(v[after_start].min() for v in accuracy.values())
+    ax.set_ylim(max(0.0, low - 0.03), 1.0)
+    late_values = np.concatenate([v[late] for v in accuracy.values()])
+    inset.set_ylim(late_values.min() - 0.005, min(1.0, late_values.max() + 0.005))
+    inset.set_xlim(steps[late][0], steps[-1])
+    inset.set_title(f"steps {int(steps[late][0]):,} to {int(steps[-1]):,}", fontsize=8)
+    inset.tick_params(labelsize=7)
+    inset.xaxis.set_major_formatter(
+        matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1000:g}k")
     )
-    ax.plot(
-        steps,
-        accuracy["bn_batch_stats"],
-        label="With BN (test-set batch statistics)",
-        color="tab:red",
-        linestyle=":",
-        alpha=0.8,
-    )
-    ax.set_xlabel("Training steps")
+    ax.set_xlabel("Training steps (log scale)")
     ax.set_ylabel("Test accuracy")
     sizes = "-".join(map(str, [784, *metrics["config"]["hidden_units"], 10]))
     ax.set_title(f"(a) MNIST test accuracy, {sizes} sigmoid MLP")
-    low = min(min(v[len(v) // 10 :]) for v in accuracy.values())
-    ax.set_ylim(max(0.0, low - 0.02), 1.0)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    # Below the axes: inside, it would cover the early curves.
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize="small")
     return fig
+
+
+PERCENTILE_STYLES = (
+    (P15, "15th percentile", "--"),
+    (P50, "50th percentile (median)", "-"),
+    (P85, "85th percentile", ":"),
+)
 
 
 def _percentiles(metrics):
@@ -66,27 +123,26 @@ def _percentiles(metrics):
     neuron = activations["neurons"][0]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, key, title in zip(
-        axes, ("plain", "bn"), ("(b) Without BN", "(c) With BN"), strict=True
+        axes, (PLAIN, BN), ("(b) Without BN", "(c) With BN"), strict=True
     ):
-        values = np.asarray(activations[key])[:, 0, :]  # (evaluations, statistic)
+        # (evaluations, statistic); null (a diverged network) becomes NaN.
+        values = np.asarray(activations[key], dtype=float)[:, 0, :]
         ax.fill_between(
             steps,
-            values[:, 0],
-            values[:, 2],
-            alpha=0.2,
+            values[:, P15],
+            values[:, P85],
+            alpha=0.15,
             color="tab:gray",
             label="15th to 85th percentile",
         )
-        for column, (style, label) in enumerate(
-            [("--", "15th"), ("-", "50th"), ("--", "85th")]
-        ):
+        for column, label, style in PERCENTILE_STYLES:
             ax.plot(
                 steps,
                 values[:, column],
                 style,
                 color="black",
-                linewidth=1,
-                label=f"{label} percentile",
+                linewidth=1.2 if column == P50 else 1,
+                label=label,
             )
         ax.set_title(f"{title}: input to sigmoid, neuron {neuron}")
         ax.set_xlabel("Training steps")
@@ -101,9 +157,9 @@ def _means(metrics):
     activations = metrics["activations"]
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, key, title in zip(
-        axes, ("plain", "bn"), ("Without BN", "With BN"), strict=True
+        axes, (PLAIN, BN), ("Without BN", "With BN"), strict=True
     ):
-        means = np.asarray(activations[key])[:, :, 3]  # (evaluations, neuron)
+        means = np.asarray(activations[key], dtype=float)[:, :, MEAN]
         for i, neuron in enumerate(activations["neurons"]):
             ax.plot(steps, means[:, i], linewidth=1, label=f"neuron {neuron}")
         ax.set_title(f"{title}: mean sigmoid input over the test set")
@@ -115,20 +171,18 @@ def _means(metrics):
 
 
 STUDY_STYLES = {
-    "plain": ("Without BN", "tab:blue", "-"),
-    "ema": ("EMA (momentum {momentum})", "tab:red", "-"),
-    "debiased_ema": ("Debiased EMA", "tab:orange", "-"),
-    "cumulative": ("Cumulative average", "tab:green", "-"),
-    "precise": ("Precise BN", "tab:purple", "-"),
-    "batch_stats": ("Test-set batch statistics", "black", ":"),
+    PLAIN: ("Without BN", "tab:blue", "-"),
+    EMA: ("EMA (momentum {momentum})", "tab:red", "-"),
+    DEBIASED_EMA: ("Debiased EMA", "tab:orange", "-"),
+    CUMULATIVE: ("Cumulative average", "tab:green", "-"),
+    PRECISE: ("Precise BN", "tab:purple", "-"),
+    BATCH_STATS: ("Test-set batch statistics", "black", ":"),
 }
 
 
 def plot_population_study(metrics_path, out_dir=None):
     """The study's figure: accuracy by population-statistics source."""
-    metrics_path = Path(metrics_path)
-    out_dir = Path(out_dir) if out_dir is not None else metrics_path.parent
-    metrics = json.loads(metrics_path.read_text())
+    metrics, out_dir = _load(metrics_path, out_dir)
     steps = np.asarray(metrics["steps"])
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     early = steps <= min(2000, steps[-1])
@@ -153,23 +207,18 @@ def plot_population_study(metrics_path, out_dir=None):
     axes[1].set_ylim(0.8, 1.0)
     axes[0].legend(loc="lower right", fontsize="small")
     fig.suptitle("BN network: where the population statistics come from")
-    path = out_dir / "population_study.png"
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save(fig, out_dir / "population_study.png")
 
 
 def plot_lr_sweep(metrics_path, out_dir=None):
     """Final test accuracy against learning rate: mean over seeds, min to max."""
-    metrics_path = Path(metrics_path)
-    out_dir = Path(out_dir) if out_dir is not None else metrics_path.parent
-    metrics = json.loads(metrics_path.read_text())
+    metrics, out_dir = _load(metrics_path, out_dir)
     entries = metrics["by_learning_rate"]
     rates = np.array([e["learning_rate"] for e in entries])
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for key, label, color in (
-        ("plain", "Without BN", "tab:blue"),
-        ("bn", "With BN", "tab:red"),
+        (PLAIN, "Without BN", "tab:blue"),
+        (BN, "With BN", "tab:red"),
     ):
         mean = np.array([e[key]["mean"] for e in entries])
         low = np.array([e[key]["min"] for e in entries])
@@ -190,7 +239,4 @@ def plot_lr_sweep(metrics_path, out_dir=None):
     ax.set_title(f"{metrics['config']['steps']} steps, {seeds} seeds per point")
     ax.grid(alpha=0.3, which="both")
     ax.legend(loc="lower left")
-    path = out_dir / "lr_sweep.png"
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save(fig, out_dir / "lr_sweep.png")

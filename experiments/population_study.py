@@ -2,12 +2,12 @@
 
     python -m experiments.population_study --config configs/population_study.toml
 
-One training run serves every estimator: in training mode a BN layer
-normalizes with batch statistics, so its population estimate never changes
-the weights. Four BN networks start from the same draw and see the same
-mini-batches, differing only in how their layers estimate the population
-statistics; the run checks that their weights stay identical. At every
-evaluation each is tested with its own estimate:
+In training mode a BN layer normalizes with batch statistics, so its
+population estimate never changes the weights. The study trains the BN network
+of Figure 1 once per estimator, from the same draw on the same mini-batches,
+differing only in how its layers estimate the population statistics (the run
+checks that the trained weights come out identical), and tests it at every
+evaluation with its own estimate:
 
 - `ema`: the exponential moving average (momentum `bn_momentum`), Keras';
 - `debiased_ema`: the same, zero-debiased (`debias=True`);
@@ -16,10 +16,14 @@ evaluation each is tested with its own estimate:
   `precise_bn_batches` training batches with the weights frozen
   (`bn_keras.recompute_statistics`, "precise BN");
 - `batch_stats`: the whole test set normalized with its own batch statistics,
-  an upper reference that needs the test set at once;
+  an upper reference that needs the test set at once (recorded with `ema`);
 - `plain`: the network without BN, for scale.
+
+Each of the five trainings is a cell, written to `cells/` as soon as it is
+done; `--resume DIR` continues an interrupted study with the cells missing.
 """
 
+import hashlib
 import sys
 import time
 
@@ -27,96 +31,145 @@ import numpy as np
 
 from experiments import cli
 from experiments.config import STUDY_DEFAULTS, ConfigError
+from experiments.metrics import (
+    BATCH_STATS,
+    CUMULATIVE,
+    DEBIASED_EMA,
+    EMA,
+    ESTIMATORS,
+    PLAIN,
+    POPULATION,
+    PRECISE,
+    STUDY_CURVES,
+)
+from experiments.run import Experiment, RunError
 
-ESTIMATORS = {
-    "ema": {},
-    "debiased_ema": {"debias": True},
-    "cumulative": {"momentum": None},
-    "precise": {},
+# The bn_keras.BatchNorm options of each estimator.
+OPTIONS = {
+    EMA: {},
+    DEBIASED_EMA: {"debias": True},
+    CUMULATIVE: {"momentum": None},
+    PRECISE: {},
 }
+CELLS = (PLAIN, *ESTIMATORS)
 MILESTONES = (100, 250, 500, 1000, 2000, 5000)
 
 
-def run(config, out_dir, progress=True):
-    """Runs the study, writing metrics, a figure and a summary into `out_dir`."""
+def run(run_dir, config, data, progress=True):
+    """Runs the study (the cells not yet in `run_dir`), writing metrics, a
+    figure and a summary into `run_dir`."""
+    from experiments import plots
+    from experiments.experiment import write_outputs
+
+    start = time.perf_counter()
+    results = run_dir.finished_cells()
+    earlier = len(results)
+    for key, result in results.items():
+        if key not in CELLS or result.get("cell") != key:
+            raise RunError(
+                f"cannot resume {run_dir.path}: {run_dir.path}/cells/{key}.json is "
+                "not a cell of this study; move it away"
+            )
+    for name in CELLS:
+        if name in results:
+            continue
+        run_dir.stage("training", cell=name, cells=len(CELLS), cells_done=len(results))
+        results[name] = train_cell(
+            name, config, data, progress=progress, report=run_dir.progress
+        )
+        run_dir.write_cell(name, results[name], done=len(results), total=len(CELLS))
+    metrics = collect_metrics(config, results)
+    metrics["wall_seconds"] = time.perf_counter() - start
+    metrics["cells_from_earlier_sessions"] = earlier
+    write_outputs(
+        run_dir, metrics, plots.plot_population_study, summary_table(metrics), progress
+    )
+    return metrics
+
+
+def train_cell(name, config, data, progress=True, report=None):
+    """Trains the network of one cell (`PLAIN` or an estimator) and tests it at
+    every evaluation; returns the cell's JSON-ready result."""
     import tensorflow as tf
 
     import bn_keras
-    from experiments import plots
-    from experiments.evaluate import BATCH_STATS, POPULATION, correct, forward
-    from experiments.experiment import finish_run, start_run
+    from experiments.evaluate import correct, forward
     from experiments.models import batch_norm_factory, build_mlp, initialize
     from experiments.train import train_and_evaluate
 
-    check_config(config)
     start = time.perf_counter()
-    out_dir, data = start_run(config, out_dir)
-    models = {"plain": build_mlp(config["hidden_units"], name="plain")}
-    for name, options in ESTIMATORS.items():
-        factory = batch_norm_factory(config, **options)
-        models[name] = build_mlp(config["hidden_units"], factory, name=name)
-    initialize(models.values(), config)
-
+    factory = None if name == PLAIN else batch_norm_factory(config, **OPTIONS[name])
+    model = build_mlp(config["hidden_units"], factory, name=name)
+    initialize([model], config)
     x_test, y_test = tf.constant(data.x_test), tf.constant(data.y_test)
+    # The EMA network also gives the batch-statistics reference: the weights
+    # are the same in every BN cell.
+    modes = (POPULATION, BATCH_STATS) if name == EMA else (POPULATION,)
+    curves = {POPULATION: name, BATCH_STATS: BATCH_STATS}
 
     @tf.function
     def test_correct():
-        counts = {
-            name: correct(forward(model, x_test)[POPULATION][0], y_test)
-            for name, model in models.items()
-        }
-        reference = forward(models["ema"], x_test, modes=(BATCH_STATS,))
-        counts["batch_stats"] = correct(reference[BATCH_STATS][0], y_test)
-        return counts
+        outputs = forward(model, x_test, modes=modes)
+        return {curves[m]: correct(outputs[m][0], y_test) for m in modes}
 
     rng = np.random.default_rng([config["seed"], 2])
     sample = config["precise_bn_batches"] * config["batch_size"]
     precise_seconds = []
 
     def evaluate():
-        begin = time.perf_counter()
-        chosen = rng.choice(len(data.x_train), size=sample, replace=False)
-        bn_keras.recompute_statistics(
-            models["precise"],
-            data.x_train[chosen],
-            batch_size=config["batch_size"],
-            progress=False,
-        )
-        precise_seconds.append(time.perf_counter() - begin)
+        if name == PRECISE:
+            begin = time.perf_counter()
+            chosen = rng.choice(len(data.x_train), size=sample, replace=False)
+            bn_keras.recompute_statistics(
+                model,
+                data.x_train[chosen],
+                batch_size=config["batch_size"],
+                progress=False,
+            )
+            precise_seconds.append(time.perf_counter() - begin)
         counts = test_correct()
-        return {
-            f"accuracy_{name}": int(count) / len(data.y_test)
-            for name, count in counts.items()
-        }
+        return {"accuracy": {k: int(v) / len(data.y_test) for k, v in counts.items()}}
 
     records = train_and_evaluate(
-        tuple(models.values()), data, config, evaluate, progress=progress
+        (model,), data, config, evaluate, progress=progress, report=report, desc=name
     )
-    reference = [w.numpy() for w in models["ema"].trainable_weights]
-    identical = all(
-        all(
-            np.array_equal(a, w.numpy())
-            for a, w in zip(reference, model.trainable_weights, strict=True)
-        )
-        for name, model in models.items()
-        if name != "plain"
-    )
-    names = [*models, "batch_stats"]
-    metrics = {
-        "config": config,
+    digest = hashlib.sha256()
+    for weight in model.trainable_weights:
+        digest.update(np.ascontiguousarray(weight.numpy()).tobytes())
+    result = {
+        "cell": name,
         "steps": [r["step"] for r in records],
-        "accuracy": {name: [r[f"accuracy_{name}"] for r in records] for name in names},
-        "bn_weights_identical": identical,
-        "precise_seconds_per_evaluation": float(np.median(precise_seconds)),
-        "wall_seconds": time.perf_counter() - start,
+        "accuracy": {
+            curve: [r["accuracy"][curve] for r in records]
+            for curve in records[0]["accuracy"]
+        },
+        "trainable_weights_sha256": digest.hexdigest(),
+        "seconds": time.perf_counter() - start,
     }
-    finish_run(
-        out_dir, metrics, plots.plot_population_study, summary_table(metrics), progress
-    )
-    return metrics
+    if precise_seconds:
+        result["precise_seconds_per_evaluation"] = float(np.median(precise_seconds))
+    return result
 
 
-def check_config(config):
+def collect_metrics(config, results):
+    """The study's metrics from its cells."""
+    accuracy = {}
+    for name in CELLS:
+        accuracy.update(results[name]["accuracy"])
+    bn_digests = {results[name]["trainable_weights_sha256"] for name in ESTIMATORS}
+    return {
+        "config": config,
+        "steps": results[PLAIN]["steps"],
+        "accuracy": {curve: accuracy[curve] for curve in STUDY_CURVES},
+        "bn_weights_identical": len(bn_digests) == 1,
+        "precise_seconds_per_evaluation": results[PRECISE][
+            "precise_seconds_per_evaluation"
+        ],
+        "cell_seconds": {name: results[name]["seconds"] for name in CELLS},
+    }
+
+
+def check_config(config, num_train):
     """The study needs bn_keras' options and enough data for precise BN."""
     if config["bn_impl"] != "bn_keras":
         raise ConfigError(
@@ -129,11 +182,10 @@ def check_config(config):
             f"Received: {config['bn_momentum']!r}"
         )
     sample = config["precise_bn_batches"] * config["batch_size"]
-    available = config["train_examples"] or 60000
-    if sample > available:
+    if sample > num_train:
         raise ConfigError(
             f"precise BN draws precise_bn_batches * batch_size = {sample} "
-            f"training examples, more than the {available} used; lower "
+            f"training examples, more than the {num_train} used; lower "
             "precise_bn_batches"
         )
 
@@ -151,7 +203,12 @@ def summary_table(metrics):
     for name, curve in metrics["accuracy"].items():
         values = [curve[steps.index(s)] for s in columns]
         lines.append(f"| {name} | " + " | ".join(f"{v:.4f}" for v in values) + " |")
+    resumed = metrics["cells_from_earlier_sessions"]
     lines += [
+        "",
+        f"Wall time {metrics['wall_seconds']:.0f} s"
+        + (f" ({resumed} cells from an earlier session)" if resumed else "")
+        + ".",
         "",
         f"Precise BN costs {metrics['precise_seconds_per_evaluation'] * 1e3:.0f} ms "
         f"per evaluation ({metrics['config']['precise_bn_batches']} batches of "
@@ -161,17 +218,22 @@ def summary_table(metrics):
     return "\n".join(lines) + "\n"
 
 
-DESCRIPTION = (
-    "Compare the BN network's inference accuracy over training when its "
-    "population statistics come from an EMA, a debiased EMA, the cumulative "
-    "average, precise BN, or the test set's own batch statistics."
+EXPERIMENT = Experiment(
+    name="population_study",
+    description=(
+        "Compare the BN network's inference accuracy over training when its "
+        "population statistics come from an EMA, a debiased EMA, the cumulative "
+        "average, precise BN, or the test set's own batch statistics."
+    ),
+    defaults=STUDY_DEFAULTS,
+    body=run,
+    check=check_config,
+    resumable=True,
 )
 
 
 def main(argv=None):
-    return cli.main(
-        argv, "experiments.population_study", DESCRIPTION, STUDY_DEFAULTS, run
-    )
+    return cli.main(argv, EXPERIMENT)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,9 @@ Two loops give the same numbers:
   Python interpreter is visited once per evaluation instead of per step.
 """
 
+import contextlib
+import logging
+
 import numpy as np
 import tensorflow as tf
 from tqdm.auto import tqdm
@@ -37,6 +40,25 @@ def _sgd_step(models, learning_rate, x, y):
     for variable, gradient in zip(variables, gradients, strict=True):
         variable.assign(variable - learning_rate * gradient)
     return tf.stack(losses)
+
+
+class _RetracingFilter(logging.Filter):
+    def filter(self, record):
+        return "triggered tf.function retracing" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _expected_retracing():
+    """Each Trainer compiles its own step for its own models, by design; TF
+    counts those compilations together and warns after five (a study or sweep
+    trains a new network per cell). Hides that one warning while we call."""
+    logger = tf.get_logger()
+    retracing = _RetracingFilter()
+    logger.addFilter(retracing)
+    try:
+        yield
+    finally:
+        logger.removeFilter(retracing)
 
 
 class Trainer:
@@ -80,7 +102,8 @@ class Trainer:
 
     def train(self, start, stop):
         if self.loop == "fast":
-            return self._chunk(tf.constant(self.indices[start:stop])).numpy()
+            with _expected_retracing():
+                return self._chunk(tf.constant(self.indices[start:stop])).numpy()
         total = np.zeros(len(self.models))
         for batch in self.indices[start:stop]:
             x, y = self.x[batch], self.y[batch]
@@ -88,11 +111,26 @@ class Trainer:
         return total / (stop - start)
 
 
-def train_and_evaluate(networks, data, config, evaluate, progress=True):
+def train_and_evaluate(
+    networks, data, config, evaluate, progress=True, report=None, desc=None
+):
     """Trains the networks, evaluating every `eval_every` steps and at step 0.
 
-    Returns the evaluation records, one dict per evaluation with `step`,
-    the evaluator's values and the mean training loss since the last one.
+    Args:
+        networks: The models to train, on the same mini-batches.
+        data: An `Mnist` tuple.
+        config: The run's config (`batch_size`, `steps`, `eval_every`,
+            `seed`, `learning_rate`, `loop`).
+        evaluate: Called at each evaluation; returns a dict of values, among
+            them `"accuracy": {curve: float}`, shown on the progress bar.
+        progress: Whether to show a progress bar.
+        report: Optional `report(step, steps)`, called after each evaluation.
+        desc: The progress bar's label (default: "training N networks").
+
+    Returns:
+        The evaluation records, one dict per evaluation with `step`, the
+        evaluator's values and `train_loss`, the mean training loss of each
+        network since the last evaluation (NaN at step 0).
     """
     indices = batch_indices(
         len(data.x_train), config["batch_size"], config["steps"], config["seed"]
@@ -105,25 +143,25 @@ def train_and_evaluate(networks, data, config, evaluate, progress=True):
         config["learning_rate"],
         config["loop"],
     )
+    steps, every = config["steps"], config["eval_every"]
     records = [{"step": 0, **evaluate(), "train_loss": [float("nan")] * len(networks)}]
-    every = config["eval_every"]
+    if report is not None:
+        report(0, steps)
     with tqdm(
-        total=config["steps"],
+        total=steps,
         unit="step",
         disable=not progress,
-        desc=f"training {len(networks)} networks",
+        desc=desc or f"training {len(networks)} networks",
     ) as bar:
-        for start in range(0, config["steps"], every):
+        for start in range(0, steps, every):
             loss = trainer.train(start, start + every)
             record = {"step": start + every, **evaluate(), "train_loss": loss.tolist()}
             records.append(record)
             bar.update(every)
             bar.set_postfix(
-                {
-                    key.removeprefix("accuracy_"): f"{value:.4f}"
-                    for key, value in record.items()
-                    if key.startswith("accuracy_")
-                },
+                {k: f"{v:.4f}" for k, v in record.get("accuracy", {}).items()},
                 refresh=False,
             )
+            if report is not None:
+                report(start + every, steps)
     return records

@@ -10,15 +10,22 @@ from experiments.config import (
     STUDY_DEFAULTS,
     SWEEP_DEFAULTS,
     ConfigError,
+    check_data_size,
+    config_from_mapping,
     load_config,
 )
 
-# Each shipped config and the defaults of the experiment that reads it.
-EXPERIMENT_DEFAULTS = {
-    "population_study.toml": STUDY_DEFAULTS,
-    "lr_sweep.toml": SWEEP_DEFAULTS,
-}
+# Each shipped config and the defaults of the experiment that reads it: a
+# study's and a sweep's configs are named after them, the rest are mnist_mlp's.
 SHIPPED = sorted(CONFIG_DIR.glob("*.toml"))
+
+
+def _defaults_for(path):
+    if path.name.startswith("population_study"):
+        return STUDY_DEFAULTS
+    if path.name.startswith("lr_sweep"):
+        return SWEEP_DEFAULTS
+    return DEFAULTS
 
 
 def test_defaults_are_the_figure_1_reproduction():
@@ -31,7 +38,7 @@ def test_defaults_are_the_figure_1_reproduction():
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_shipped_configs_load_and_only_override(path):
-    defaults = EXPERIMENT_DEFAULTS.get(path.name, DEFAULTS)
+    defaults = _defaults_for(path)
     config = load_config(path, defaults=defaults)
     assert set(config) == set(defaults)
     assert config != defaults
@@ -70,6 +77,18 @@ def test_set_parses_toml_values():
         (["bn_epsilon=0.0"], "'bn_epsilon' must be positive"),
         (["data_dir=/tmp"], "data_source='dir'"),
         (["batch_size=1"], "'batch_size' must be at least 2"),
+        (["seed=-1"], "'seed' must hold seeds from 0 to 2**32 - 1"),
+        (["seed=4294967296"], "Received: 4294967296"),
+        (["learning_rate=inf"], "'learning_rate' must hold finite numbers"),
+        (["learning_rate=nan"], "'learning_rate' must hold finite numbers"),
+        (["learning_rate=-inf"], "'learning_rate' must hold finite numbers"),
+        (["init_stddev=inf"], "'init_stddev' must hold finite numbers"),
+        (["bn_epsilon=inf"], "'bn_epsilon' must hold finite numbers"),
+        (["neurons=[1, 1]"], "'neurons' lists 1 more than once"),
+        (
+            ["train_examples=100", "batch_size=200"],
+            "'batch_size' (200) is larger than the 100 training examples used",
+        ),
     ],
 )
 def test_bad_overrides_are_errors(overrides, message):
@@ -89,6 +108,47 @@ def test_bad_files_are_errors(tmp_path):
     unknown.write_text("lr = 0.1\n")
     with pytest.raises(ConfigError, match=f"unknown config key 'lr' in {unknown}"):
         load_config(unknown)
+
+
+def test_unusable_config_files_are_one_line_errors(tmp_path):
+    with pytest.raises(ConfigError, match=f"config file {tmp_path} is a folder"):
+        load_config(tmp_path)
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes("# caf\xe9\nsteps = 100\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_config(latin)
+
+
+def test_sweep_lists_are_checked():
+    for overrides, message in [
+        (["seeds=[0, 0]"], "'seeds' lists 0 more than once"),
+        (["seeds=[-3]"], "'seeds' must hold seeds from 0"),
+        (["learning_rates=[0.1, inf]"], "'learning_rates' must hold finite numbers"),
+        (["learning_rates=[0.3, 0.3]"], "'learning_rates' lists 0.3 more than once"),
+    ]:
+        with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+            load_config(overrides=overrides, defaults=SWEEP_DEFAULTS)
+
+
+def test_data_size_is_checked_against_the_data():
+    config = load_config(overrides=["train_examples=100000"])
+    with pytest.raises(ConfigError, match="larger than the 60000 training examples"):
+        check_data_size(config, 60000, 10000)
+    config = load_config(overrides=["batch_size=70"])
+    with pytest.raises(ConfigError, match="larger than the 50 training examples"):
+        check_data_size(config, 50, 10)
+    check_data_size(load_config(), 60000, 10000)
+
+
+def test_a_recorded_config_is_checked_again():
+    config = load_config()
+    assert config_from_mapping(config, DEFAULTS, "in config.json") == config
+    with pytest.raises(ConfigError, match="lacks the keys seed"):
+        config_from_mapping(
+            {k: v for k, v in config.items() if k != "seed"}, DEFAULTS, "x"
+        )
+    with pytest.raises(ConfigError, match="must hold seeds"):
+        config_from_mapping({**config, "seed": -1}, DEFAULTS, "x")
 
 
 def test_config_dir_is_the_repository_folder():

@@ -101,6 +101,40 @@ def test_dir_from_env_var(folder, monkeypatch):
     assert data.load_mnist("dir").x_train.shape == (5, 784)
 
 
+def test_auto_reads_the_env_var_folder(folder, monkeypatch):
+    monkeypatch.setenv(data.ENV_VAR, str(folder))
+    assert data.load_mnist().x_train.shape == (5, 784)
+    assert data.resolve_source("auto") == ("dir", str(folder))
+
+
+def test_auto_reports_a_bad_env_var_folder(tmp_path, monkeypatch):
+    """An explicitly set variable is never passed over for the vendored copy."""
+    monkeypatch.setenv(data.ENV_VAR, str(tmp_path))
+    message = _load_error()
+    assert message.startswith(f"{data.ENV_VAR}={tmp_path} (set in the environment): ")
+    assert "file not found" in message and f"unset {data.ENV_VAR}" in message
+
+
+def test_auto_without_env_var_is_the_vendored_copy(monkeypatch):
+    monkeypatch.delenv(data.ENV_VAR, raising=False)
+    assert data.resolve_source("auto") == ("vendored", None)
+    assert data.environment_note("vendored") is None
+
+
+def test_an_explicit_source_notes_the_env_var_it_ignores(tmp_path, monkeypatch):
+    monkeypatch.setenv(data.ENV_VAR, str(tmp_path))
+    for source in ("vendored", "tfds"):
+        note = data.environment_note(source)
+        assert f"{data.ENV_VAR}={tmp_path} is set" in note and source in note
+    assert data.environment_note("dir") is None
+
+
+def test_select_takes_the_first_examples():
+    mnist = data.Mnist(*(np.arange(n) for n in (10, 10, 4, 4)))
+    chosen = data.select(mnist, 3, 0)
+    assert [len(a) for a in chosen] == [3, 3, 4, 4]
+
+
 def test_data_dir_argument_wins_over_env_var(folder, monkeypatch, tmp_path_factory):
     monkeypatch.setenv(data.ENV_VAR, str(tmp_path_factory.mktemp("empty")))
     assert data.load_mnist("dir", str(folder)).x_test.shape == (3, 784)
@@ -213,7 +247,7 @@ def test_corrupt_gzip(folder):
 def test_unknown_source():
     message = _load_error("mnist.npz")
     assert "unknown MNIST source 'mnist.npz'" in message
-    assert "vendored, dir, tfds" in message
+    assert "auto, vendored, dir, tfds" in message
 
 
 def test_vendored_rejects_data_dir(tmp_path):
@@ -238,13 +272,26 @@ def test_tfds_failure_is_one_line(monkeypatch, tmp_path):
     calls = []
 
     def offline_load(name, **kwargs):
-        calls.append((name, kwargs["data_dir"]))
+        calls.append((name, kwargs["data_dir"], kwargs["download"]))
         raise OSError("no connection\ntraceback details")
 
     monkeypatch.setattr(tfds, "load", offline_load)
     message = _load_error("tfds", tmp_path)
-    assert calls == [("mnist", str(tmp_path))]
-    assert f"data_dir={str(tmp_path)!r} (OSError: no connection)" in message
+    # Never a download: offline, TFDS would retry for minutes.
+    assert calls == [("mnist", str(tmp_path), False)]
+    assert f"from {tmp_path} (OSError: no connection)" in message
+    assert "download_and_prepare()" in message
+
+
+def test_tfds_not_prepared_says_how_to_prepare(tmp_path):
+    """A real TFDS call on an empty folder: fails at once, without network."""
+    pytest.importorskip("tensorflow_datasets")
+    message = _load_error("tfds", tmp_path)
+    assert message.startswith(f"tfds: 'mnist' is not prepared in {tmp_path}")
+    assert (
+        "import tensorflow_datasets as tfds; tfds.builder('mnist', "
+        f"data_dir='{tmp_path}').download_and_prepare()"
+    ) in message
 
 
 def test_vendored_copy_loads():
