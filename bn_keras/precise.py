@@ -103,6 +103,7 @@ def recompute_statistics(
         non_trainable[mean_at] = ops.zeros_like(non_trainable[mean_at])
         non_trainable[variance_at] = ops.ones_like(non_trainable[variance_at])
     totals = [_Pooled() for _ in layers]
+    run = _compiled_statistics(model, slots)
     saved = [_capture_batch_statistics(layer) for layer in layers]
     try:
         for step, x in enumerate(
@@ -113,15 +114,13 @@ def recompute_statistics(
                     f"Batch {step} of `data` holds a NaN or inf; nothing was "
                     "recomputed."
                 )
-            _, state = model.stateless_call(trainable, non_trainable, x, training=True)
+            statistics = run(trainable, non_trainable, x)
             examples = int(ops.shape(x)[0])
-            for layer, total, (mean_at, variance_at) in zip(
-                layers, totals, slots, strict=True
+            for layer, total, (mean, variance) in zip(
+                layers, totals, statistics, strict=True
             ):
                 total.add(
-                    examples,
-                    ops.convert_to_numpy(state[mean_at]),
-                    ops.convert_to_numpy(state[variance_at]),
+                    examples, ops.convert_to_numpy(mean), ops.convert_to_numpy(variance)
                 )
                 if not (
                     np.all(np.isfinite(total.mean)) and np.all(np.isfinite(total.m2))
@@ -150,6 +149,34 @@ def recompute_statistics(
             )
         result[layer.name] = (mean, variance)
     return result
+
+
+def _compiled_statistics(model, slots):
+    """`f(trainable, non_trainable, x) -> [(mean, variance) per BN layer]`.
+
+    The model's training-mode call, compiled as the backend compiles a train
+    step (tf.function, jax.jit; torch runs eagerly, without autograd), and
+    returning only the statistics it needs.
+    """
+
+    def run(trainable, non_trainable, x):
+        _, state = model.stateless_call(trainable, non_trainable, x, training=True)
+        return [(state[mean_at], state[variance_at]) for mean_at, variance_at in slots]
+
+    backend = keras.backend.backend()
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(run, reduce_retracing=True)
+    if backend == "jax":
+        import jax
+
+        return jax.jit(run)
+    if backend == "torch":
+        import torch
+
+        return torch.no_grad()(run)
+    return run
 
 
 def _capture_batch_statistics(layer):
