@@ -5,7 +5,17 @@ before loading a `.keras` file that holds the layer.
 """
 
 from bn_keras.batch_norm import BatchNorm
+from bn_keras.fold import fold_batch_norms
 from bn_keras.precise import batch_norm_layers, recompute_statistics
+from bn_keras.recurrent import BatchNormLSTM, TimestepBatchNorm
 
-__all__ = ["BatchNorm", "__version__", "batch_norm_layers", "recompute_statistics"]
+__all__ = [
+    "BatchNorm",
+    "BatchNormLSTM",
+    "TimestepBatchNorm",
+    "__version__",
+    "batch_norm_layers",
+    "fold_batch_norms",
+    "recompute_statistics",
+]
 __version__ = "0.2.0"

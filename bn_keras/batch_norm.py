@@ -8,7 +8,13 @@ import keras
 from keras import constraints, initializers, ops, regularizers
 
 from bn_keras import checks, masking, renorm, statistics, validation, virtual_batch
-from bn_keras.moments import fold, moments, normalize, static_count
+from bn_keras.moments import (
+    fold,
+    moments,
+    normalize,
+    normalize_broadcast,
+    static_count,
+)
 
 _HALF_DTYPES = ("float16", "bfloat16")
 
@@ -198,11 +204,13 @@ class BatchNorm(keras.layers.Layer):
                 f"be a feature axis. Received: axis={self.axis}"
             )
         self._axes = axes
-        self._reduction_axes = tuple(i for i in range(rank) if i not in axes)
+        statistics_axes = self._statistics_axes(axes)
+        self._reduction_axes = tuple(i for i in range(rank) if i not in statistics_axes)
         self._param_shape = tuple(input_shape[a] for a in axes)
         self._broadcast_shape = tuple(
             input_shape[i] if i in axes else 1 for i in range(rank)
         )
+        self._statistics_shape = self._statistics_shape_for(self._param_shape)
 
         if self.scale:
             self.gamma = self._add_parameter(
@@ -242,7 +250,7 @@ class BatchNorm(keras.layers.Layer):
             )
         if self._counts_batches:
             self.num_batches = self.add_weight(
-                shape=(),
+                shape=self._counter_shape(),
                 name="num_batches",
                 initializer="zeros",
                 dtype="int32",
@@ -267,11 +275,56 @@ class BatchNorm(keras.layers.Layer):
     def _add_statistic(self, name, initializer):
         # Float32 under mixed precision (autocast=False), never trained.
         return self.add_weight(
-            shape=self._param_shape,
+            shape=self._statistics_shape,
             name=name,
             initializer=initializer,
             trainable=False,
             autocast=False,
+        )
+
+    # Subclass hooks. `BatchNorm` keeps one population statistic per feature
+    # and shares gamma/beta with it; a subclass may keep its statistics along
+    # more axes than its parameters (`bn_keras.recurrent.TimestepBatchNorm`:
+    # one per timestep and feature, gamma/beta per feature) and still reuse
+    # the batch moments, the guards and the averaging rules below.
+
+    def _statistics_axes(self, axes):
+        """The input axes not reduced by the batch moments (base: the `axis` axes)."""
+        return axes
+
+    def _statistics_shape_for(self, param_shape):
+        """The shape of the population statistics (base: that of gamma/beta)."""
+        return param_shape
+
+    def _counter_shape(self):
+        """The shape of `num_batches`: `()`, or one count per leading statistics axis.
+
+        A counter of shape `(n, 1, ..., 1)` counts the batches that updated
+        each of the `n` leading slices of the statistics separately, and its
+        averaging rate broadcasts against them.
+        """
+        return ()
+
+    def _batch_statistics(self, batch_moments, ghosts):
+        """The batch's `(mean, variance, ok)` in the statistics' shape.
+
+        `ok` is False where the population statistics must stay as they are.
+        """
+        return statistics.batch_contribution(
+            batch_moments, self._statistics_shape, self.unbiased_variance, ghosts
+        )
+
+    def _population_statistics(self, x):
+        """The population `(mean, variance)` that normalize `x` in inference.
+
+        Base: `moving_mean` and `moving_variance`, one value per feature (and
+        TensorFlow's fused kernel where it applies). A subclass whose
+        statistics vary along other axes returns them with the rank of `x`,
+        broadcastable against it.
+        """
+        return (
+            ops.cast(self.moving_mean, x.dtype),
+            ops.cast(self.moving_variance, x.dtype),
         )
 
     def compute_output_shape(self, input_shape):
@@ -288,16 +341,29 @@ class BatchNorm(keras.layers.Layer):
         if training and self.trainable:
             outputs = self._train_call(x, mask)
         else:
-            outputs = normalize(
+            outputs = self._inference_call(x)
+        return ops.cast(outputs, self.compute_dtype)
+
+    def _inference_call(self, x):
+        mean, variance = self._population_statistics(x)
+        if len(mean.shape) == len(self._param_shape):
+            return normalize(
                 x,
                 self._axes,
-                ops.cast(self.moving_mean, x.dtype),
-                ops.cast(self.moving_variance, x.dtype),
+                mean,
+                variance,
                 self._parameter(self.gamma, x.dtype),
                 self._parameter(self.beta, x.dtype),
                 self.epsilon,
             )
-        return ops.cast(outputs, self.compute_dtype)
+        return normalize_broadcast(
+            x,
+            mean,
+            variance,
+            self._parameter(self.gamma, x.dtype, self._broadcast_shape),
+            self._parameter(self.beta, x.dtype, self._broadcast_shape),
+            self.epsilon,
+        )
 
     def _train_call(self, x, mask):
         shape = ops.shape(x)
@@ -354,15 +420,14 @@ class BatchNorm(keras.layers.Layer):
         return static_count(x, reduction_axes)
 
     def _update_statistics(self, batch_moments, ghosts):
-        mean, variance, ok = statistics.batch_contribution(
-            batch_moments, self._param_shape, self.unbiased_variance, ghosts
-        )
+        mean, variance, ok = self._batch_statistics(batch_moments, ghosts)
         rate, keep = statistics.average_rate(
             self.momentum, self.debias, self.num_batches
         )
         if self._counts_batches:
-            # A batch that updates no feature does not count.
-            self.num_batches.assign(self.num_batches + ops.cast(ops.any(ok), "int32"))
+            # A batch that updates no feature (of a counter's slice) does not count.
+            used = statistics.any_updated(ok, self._counter_shape())
+            self.num_batches.assign(self.num_batches + ops.cast(used, "int32"))
         if self.renorm:
             renorm.update(self, mean, variance, rate, keep, ok)
         else:

@@ -133,13 +133,26 @@ def normalize(x, axes, mean, variance, gamma, beta, epsilon):
     ):
         return _tensorflow_fused_inference(x, mean, variance, gamma, beta, epsilon)
     broadcast_shape = [x.shape[i] if i in axes else 1 for i in range(rank)]
+
+    def expand(value):
+        return None if value is None else ops.reshape(value, broadcast_shape)
+
+    return normalize_broadcast(
+        x, expand(mean), expand(variance), expand(gamma), expand(beta), epsilon
+    )
+
+
+def normalize_broadcast(x, mean, variance, gamma, beta, epsilon):
+    """`normalize` for statistics and `gamma`/`beta` that broadcast against `x`.
+
+    For statistics that vary along more axes than the parameters (one per
+    timestep, with `gamma` and `beta` shared across time).
+    """
     multiplier = ops.rsqrt(variance + epsilon)
     if gamma is not None:
         multiplier = multiplier * gamma
-    outputs = (x - ops.reshape(mean, broadcast_shape)) * ops.reshape(
-        multiplier, broadcast_shape
-    )
-    return outputs if beta is None else outputs + ops.reshape(beta, broadcast_shape)
+    outputs = (x - mean) * multiplier
+    return outputs if beta is None else outputs + beta
 
 
 def _tensorflow_fused_inference(x, mean, variance, gamma, beta, epsilon):

@@ -76,6 +76,19 @@ def average_rate(momentum, debias, num_batches=None):
     return rate, 1.0 - rate
 
 
+def any_updated(ok, counter_shape):
+    """Whether the batch updates anything, per entry of a counter of `counter_shape`.
+
+    `()`: any feature at all. `(n, 1, ..., 1)`: per slice along the first axis
+    of the statistics (one counter per timestep), with the size-1 axes kept so
+    that the averaging rate broadcasts against the statistics.
+    """
+    if not counter_shape:
+        return ops.any(ok)
+    axes = tuple(i for i, size in enumerate(counter_shape) if size == 1)
+    return ops.any(ok, axis=axes, keepdims=True) if axes else ok
+
+
 def assign_average(variable, value, rate, keep, ok):
     """Assigns `keep * variable + rate * value` where `ok`; returns the result."""
     old = ops.cast(variable, value.dtype)

@@ -1,0 +1,608 @@
+"""Recurrent batch normalization: population statistics per timestep.
+
+Cooijmans et al., 2016, https://arxiv.org/abs/1603.09025: in a recurrent
+network the distribution of a pre-activation changes over the sequence
+(the state starts at zero and settles later), so one population statistic
+for all timesteps normalizes most timesteps with the wrong mean and variance.
+The statistics are kept per timestep up to `max_timesteps` (T_max); later
+timesteps reuse those of T_max. Gamma and beta are shared across time.
+
+Both layers here are `BatchNorm` underneath: the population statistics
+(momentum, `momentum=None`, `debias`, `unbiased_variance`, the guards against
+non-finite and single-value batches, `recompute_statistics`) are `BatchNorm`'s,
+through its subclass hooks.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import keras
+from keras import activations, initializers, ops, regularizers
+
+from bn_keras import statistics
+from bn_keras.batch_norm import BatchNorm
+from bn_keras.moments import Moments
+
+_TIME_AXIS = 1
+
+
+def _validate_positive_int(value, name):
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        integer = operator.index(value)
+    except TypeError:
+        integer = 0
+    if integer < 1:
+        raise ValueError(
+            f"`{name}` must be a positive integer. Received: {name}={value!r}"
+        )
+    return integer
+
+
+def _clamped_steps(steps, max_timesteps):
+    """`min(t, max_timesteps - 1)` for `t` in `range(steps)`: the statistics' slot."""
+    return ops.minimum(ops.arange(steps, dtype="int32"), max_timesteps - 1)
+
+
+@keras.saving.register_keras_serializable(package="bn_keras")
+class TimestepBatchNorm(BatchNorm):
+    """Batch normalization with population statistics per timestep, shared gamma/beta.
+
+    For inputs `(batch, time, ..., features)`, in training mode each timestep
+    `t` is normalized with the moments of its own values over the batch (and
+    any axes between time and the features),
+    `gamma * (x[:, t] - mean_B[t]) / sqrt(var_B[t] + epsilon) + beta`, and the
+    population statistics `moving_mean[t]` and `moving_variance[t]`, of shape
+    `(max_timesteps, features...)`, are updated for `t < max_timesteps`. In
+    inference mode each timestep has its own population statistics, clamped
+    to the last slot:
+    `gamma * (x[:, t] - moving_mean[s]) / sqrt(moving_variance[s] + epsilon)
+    + beta` with `s = min(t, max_timesteps - 1)`. `gamma` and `beta` have
+    the shape of the features, shared across time. (`BatchNorm(axis=(1, -1))`
+    also keeps statistics per timestep, but with a gamma and beta per timestep
+    and a fixed number of timesteps.)
+
+    - Timesteps beyond `max_timesteps`: in inference they use the statistics
+      of the last slot (timestep `max_timesteps - 1`, the paper's T_max). In
+      training they are normalized with their own batch moments, as every
+      timestep is, and their moments enter no population statistic: the last
+      slot estimates timestep `max_timesteps - 1` alone.
+    - Variable lengths: masked (padded) entries do not enter the batch moments
+      of their timestep. A timestep that no sequence of the batch reaches, or
+      only one, keeps its population statistics for that batch; with
+      `momentum=None` or `debias=True` each timestep counts the batches that
+      updated it (`num_batches` has shape `(max_timesteps, 1, ...)`). Pad at
+      the end (`padding="post"`): the timestep is the position on the time
+      axis.
+    - The time dimension may be unknown until the layer runs (statistics are
+      gathered with clamped indices, not sliced).
+
+    Everything else is `BatchNorm`'s: `momentum` (or `None`), `debias`,
+    `unbiased_variance`, `virtual_batch_size`, `synchronized`, the protection
+    of the population statistics against non-finite and single-value batches,
+    and `bn_keras.recompute_statistics`. Batch renormalization is not
+    supported.
+
+    Args:
+        max_timesteps: Positive integer, the number of timesteps with their
+            own population statistics (T_max).
+        axis: Integer or tuple of integers, the feature axis or axes; neither
+            the batch axis 0 nor the time axis 1.
+        **kwargs: `BatchNorm`'s arguments (`momentum`, `epsilon`, `center`,
+            `scale`, initializers, regularizers, constraints, `debias`,
+            `unbiased_variance`, `virtual_batch_size`, `synchronized`) and
+            the base layer's (`name`, `dtype`, ...).
+
+    Call arguments:
+        inputs: Tensor of shape `(batch, time, ..., features)`.
+        training: Python boolean. `True` normalizes each timestep with its
+            batch statistics and updates its population statistics (if the
+            layer is trainable); `False` or `None` uses the population
+            statistics.
+        mask: Optional boolean tensor, the input's shape without its last
+            axis (Keras' convention, `(batch, time)` for 3-D inputs): masked
+            entries do not enter the batch statistics.
+
+    Reference:
+        - [Cooijmans et al., 2016](https://arxiv.org/abs/1603.09025),
+          "Recurrent Batch Normalization", Section 3.
+        - [Ioffe & Szegedy, 2015](https://arxiv.org/abs/1502.03167).
+    """
+
+    def __init__(
+        self, max_timesteps: int, axis: int | tuple[int, ...] = -1, **kwargs: Any
+    ) -> None:
+        if kwargs.get("renorm"):
+            raise ValueError(
+                "TimestepBatchNorm does not support batch renormalization. "
+                f"Received: renorm={kwargs['renorm']!r}"
+            )
+        super().__init__(axis=axis, **kwargs)
+        self.max_timesteps = _validate_positive_int(max_timesteps, "max_timesteps")
+
+    def build(self, input_shape):
+        if len(input_shape) < 3:
+            raise ValueError(
+                "TimestepBatchNorm expects inputs of shape (batch, time, ..., "
+                f"features), of rank 3 or more. Received: input_shape={input_shape}"
+            )
+        super().build(input_shape)
+
+    def _statistics_axes(self, axes):
+        if 0 in axes or _TIME_AXIS in axes:
+            raise ValueError(
+                "The feature axis of TimestepBatchNorm can be neither the batch "
+                f"axis 0 nor the time axis 1. Received: axis={self.axis}"
+            )
+        return (_TIME_AXIS,) + tuple(axes)
+
+    def _statistics_shape_for(self, param_shape):
+        return (self.max_timesteps,) + tuple(param_shape)
+
+    def _counter_shape(self):
+        return (self.max_timesteps,) + (1,) * len(self._param_shape)
+
+    def _batch_statistics(self, batch_moments, ghosts):
+        # One row per timestep of the batch, then one per slot: timesteps
+        # beyond the slots are dropped, slots beyond the batch's timesteps
+        # are not reached (ok False), gathered with clamped indices so that
+        # the number of timesteps may be known only at run time.
+        per_step = (-1,) + tuple(self._param_shape)
+        mean, variance, ok = statistics.batch_contribution(
+            batch_moments, per_step, self.unbiased_variance, ghosts
+        )
+        steps = ops.shape(mean)[0]
+        slots = ops.arange(self.max_timesteps, dtype="int32")
+        index = ops.minimum(slots, steps - 1)
+        reached = ops.reshape(slots < steps, self._counter_shape())
+        ok = ops.logical_and(ops.take(ok, index, axis=0), reached)
+        return ops.take(mean, index, axis=0), ops.take(variance, index, axis=0), ok
+
+    def _population_statistics(self, x):
+        mean, variance = self.population_statistics_at(ops.shape(x)[_TIME_AXIS])
+        rank = len(x.shape)
+        shape = [1] * rank
+        shape[_TIME_AXIS] = -1
+        for a, size in zip(self._axes, self._param_shape, strict=True):
+            shape[a] = size
+        return (
+            ops.reshape(ops.cast(mean, x.dtype), shape),
+            ops.reshape(ops.cast(variance, x.dtype), shape),
+        )
+
+    def population_statistics_at(self, steps: Any) -> tuple[Any, Any]:
+        """The population `(mean, variance)` of timesteps `0 .. steps - 1`.
+
+        Shape `(steps, features...)`; timesteps from `max_timesteps` on get
+        the statistics of the last slot. `steps` may be a scalar tensor.
+        """
+        index = _clamped_steps(steps, self.max_timesteps)
+        return (
+            ops.take(self.moving_mean, index, axis=0),
+            ops.take(self.moving_variance, index, axis=0),
+        )
+
+    def update_from_moments(self, mean: Any, variance: Any, count: Any) -> None:
+        """Updates the population statistics from per-timestep batch moments.
+
+        For a layer that computes its batch moments itself, one timestep at a
+        time (the recurrent normalizations of `BatchNormLSTM`): `mean` and
+        (biased) `variance` have shape `(steps, 1, features...)`, `count` is
+        the number of values per feature (an int, a scalar tensor, or per
+        timestep and feature under a mask). The update is `BatchNorm`'s, with
+        its guards and averaging rule.
+        """
+        self._update_statistics(Moments(None, mean, variance, count, 0.0), False)
+
+    def get_config(self):
+        return {**super().get_config(), "max_timesteps": self.max_timesteps}
+
+
+def _step_moments(z, mask):
+    """`(z - mean, mean, variance, count)` over the batch axis of one timestep.
+
+    The batch moments of a recurrent pre-activation: `mask` (batch, 1) selects
+    the sequences that reach the timestep. Written out rather than
+    `bn_keras.moments.moments` (no shift, gradients through mean and variance
+    alike): this runs at every step of the recurrence, where a lighter graph
+    makes the backward pass markedly faster; the pre-activations' mean is of
+    the size of their spread, so no shift is needed for accuracy.
+    """
+    if mask is None:
+        mean = ops.mean(z, axis=0, keepdims=True)
+        centered = z - mean
+        variance = ops.mean(ops.square(centered), axis=0, keepdims=True)
+        return centered, mean, variance, None
+    weights = ops.cast(mask, z.dtype)
+    count = ops.sum(weights, axis=0, keepdims=True)
+    # `where`: the state of a finished sequence may be anything.
+    mean = ops.divide_no_nan(
+        ops.sum(ops.where(mask, z, 0.0), axis=0, keepdims=True), count
+    )
+    centered = z - mean
+    squares = ops.where(mask, ops.square(centered), 0.0)
+    variance = ops.divide_no_nan(ops.sum(squares, axis=0, keepdims=True), count)
+    return centered, mean, variance, count
+
+
+def _copy_initializer(initializer):
+    # A fresh instance per weight, so that a seeded initializer is not reused.
+    return initializers.get(initializers.serialize(initializer))
+
+
+@keras.saving.register_keras_serializable(package="bn_keras")
+class BatchNormLSTM(keras.layers.Layer):
+    """LSTM with recurrent batch normalization and per-timestep statistics.
+
+    The BN-LSTM of Cooijmans et al. (2016). The input-to-hidden and the
+    hidden-to-hidden pre-activations are batch-normalized separately, and so is
+    the cell state before the output activation:
+
+    `(i, f, g, o) = BN(W_x x_t; gamma_x) + BN(W_h h_{t-1}; gamma_h) + b`,
+    `c_t = sigmoid(f) * c_{t-1} + sigmoid(i) * tanh(g)`,
+    `h_t = sigmoid(o) * tanh(BN(c_t; gamma_c, beta_c))`,
+
+    where `BN(z; gamma, beta) = gamma * (z - mean) / sqrt(var + epsilon) +
+    beta`. The two gate normalizations have no beta (the bias `b` is their
+    shift); the cell normalization has its own `beta_c`. Each normalization is
+    a `TimestepBatchNorm` sublayer (`input_norm`, `recurrent_norm`,
+    `cell_norm`) with population statistics of shape `(max_timesteps, 4 *
+    units)` or `(max_timesteps, units)`: in training mode every timestep is
+    normalized with its batch moments (over the sequences that reach it) and
+    updates its own statistics; in inference mode timestep `t` uses the
+    statistics of slot `min(t, max_timesteps - 1)`. The gammas start at 0.1,
+    as in the paper, which keeps the tanh and sigmoid away from saturation.
+
+    It is used like `keras.layers.LSTM`: `return_sequences`, `return_state`,
+    `go_backwards`, masks (a masked timestep keeps the state and does not
+    enter the batch statistics; pad at the end), `initial_state`, stacking and
+    `.keras` saving. The timestep of the statistics is the position in the
+    order of processing (reversed with `go_backwards`). The recurrence runs
+    as `keras.ops.scan` (a `tf.while_loop`, `jax.lax.scan`, or a Python loop
+    on torch). Dropout, `stateful` and `unroll` are not supported.
+
+    Args:
+        units: Positive integer, the dimension of the state.
+        max_timesteps: Positive integer, the number of timesteps with their
+            own population statistics (T_max); the sequence length if fixed.
+        activation: Activation of the cell input and output (`tanh`).
+        recurrent_activation: Activation of the gates (`sigmoid`).
+        kernel_initializer: Initializer of the input kernel `W_x`.
+        recurrent_initializer: Initializer of the recurrent kernel `W_h`.
+        bias_initializer: Initializer of the bias `b`.
+        unit_forget_bias: If `True`, add 1 to the forget gate's bias at
+            initialization (as Keras' LSTM).
+        gamma_initializer: Initializer of the three gammas; `None` for the
+            paper's constant 0.1.
+        kernel_regularizer: Optional regularizer of `W_x`.
+        recurrent_regularizer: Optional regularizer of `W_h`.
+        bias_regularizer: Optional regularizer of `b`.
+        momentum: Momentum of the population statistics' moving average, or
+            `None` for the cumulative average (see `BatchNorm`).
+        epsilon: Small positive float added to the variances.
+        debias: Zero-debias the moving average (see `BatchNorm`).
+        unbiased_variance: Update the population variances with the unbiased
+            batch variances (see `BatchNorm`).
+        return_sequences: Return the output of every timestep, not only the
+            last.
+        return_state: Also return the last state `h` and cell `c`.
+        go_backwards: Process the sequence backwards and return the reversed
+            sequence.
+        **kwargs: Base layer keyword arguments (`name`, `dtype`, ...).
+
+    Call arguments:
+        sequences: Tensor of shape `(batch, time, features)`.
+        initial_state: Optional list `[h, c]` of tensors `(batch, units)`.
+        mask: Optional boolean tensor `(batch, time)`: False for padding.
+        training: Python boolean, batch statistics (`True`) or population
+            statistics.
+
+    Reference:
+        - [Cooijmans et al., 2016](https://arxiv.org/abs/1603.09025),
+          "Recurrent Batch Normalization", equations (6) to (8).
+        - [Hochreiter & Schmidhuber, 1997](https://doi.org/10.1162/neco.1997.9.8.1735).
+    """
+
+    def __init__(
+        self,
+        units: int,
+        max_timesteps: int,
+        activation: Any = "tanh",
+        recurrent_activation: Any = "sigmoid",
+        kernel_initializer: Any = "glorot_uniform",
+        recurrent_initializer: Any = "orthogonal",
+        bias_initializer: Any = "zeros",
+        unit_forget_bias: bool = True,
+        gamma_initializer: Any = None,
+        kernel_regularizer: Any = None,
+        recurrent_regularizer: Any = None,
+        bias_regularizer: Any = None,
+        momentum: float | None = 0.99,
+        epsilon: float = 1e-3,
+        debias: bool = False,
+        unbiased_variance: bool = False,
+        return_sequences: bool = False,
+        return_state: bool = False,
+        go_backwards: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.units = _validate_positive_int(units, "units")
+        self.max_timesteps = _validate_positive_int(max_timesteps, "max_timesteps")
+        self.activation = activations.get(activation)
+        self.recurrent_activation = activations.get(recurrent_activation)
+        self.kernel_initializer = initializers.get(kernel_initializer)
+        self.recurrent_initializer = initializers.get(recurrent_initializer)
+        self.bias_initializer = initializers.get(bias_initializer)
+        self.unit_forget_bias = bool(unit_forget_bias)
+        self.gamma_initializer = initializers.get(
+            initializers.Constant(0.1)
+            if gamma_initializer is None
+            else gamma_initializer
+        )
+        self.kernel_regularizer = regularizers.get(kernel_regularizer)
+        self.recurrent_regularizer = regularizers.get(recurrent_regularizer)
+        self.bias_regularizer = regularizers.get(bias_regularizer)
+        self.return_sequences = bool(return_sequences)
+        self.return_state = bool(return_state)
+        self.go_backwards = bool(go_backwards)
+        self.supports_masking = True
+
+        def norm(name, center):
+            return TimestepBatchNorm(
+                self.max_timesteps,
+                momentum=momentum,
+                epsilon=epsilon,
+                center=center,
+                gamma_initializer=_copy_initializer(self.gamma_initializer),
+                debias=debias,
+                unbiased_variance=unbiased_variance,
+                name=name,
+                dtype=self.dtype_policy,
+            )
+
+        # Validates momentum, epsilon and debias as BatchNorm does.
+        self.input_norm = norm("input_norm", center=False)
+        self.recurrent_norm = norm("recurrent_norm", center=False)
+        self.cell_norm = norm("cell_norm", center=True)
+        self.kernel = None
+        self.recurrent_kernel = None
+        self.bias = None
+
+    def build(self, sequences_shape, initial_state_shape=None):
+        if len(sequences_shape) != 3 or sequences_shape[-1] is None:
+            raise ValueError(
+                "BatchNormLSTM expects inputs of shape (batch, time, features) "
+                f"with known features. Received: input_shape={sequences_shape}"
+            )
+        units = self.units
+        self.kernel = self.add_weight(
+            shape=(sequences_shape[-1], 4 * units),
+            name="kernel",
+            initializer=self.kernel_initializer,
+            regularizer=self.kernel_regularizer,
+        )
+        self.recurrent_kernel = self.add_weight(
+            shape=(units, 4 * units),
+            name="recurrent_kernel",
+            initializer=self.recurrent_initializer,
+            regularizer=self.recurrent_regularizer,
+        )
+        if self.unit_forget_bias:
+
+            def bias_initializer(_, *args, **kwargs):
+                return ops.concatenate(
+                    [
+                        self.bias_initializer((units,), *args, **kwargs),
+                        initializers.get("ones")((units,), *args, **kwargs),
+                        self.bias_initializer((2 * units,), *args, **kwargs),
+                    ]
+                )
+
+        else:
+            bias_initializer = self.bias_initializer
+        self.bias = self.add_weight(
+            shape=(4 * units,),
+            name="bias",
+            initializer=bias_initializer,
+            regularizer=self.bias_regularizer,
+        )
+        self.input_norm.build((None, None, 4 * units))
+        self.recurrent_norm.build((None, None, 4 * units))
+        self.cell_norm.build((None, None, units))
+
+    def compute_output_shape(self, sequences_shape, initial_state_shape=None):
+        batch, length = sequences_shape[0], sequences_shape[1]
+        if self.return_sequences:
+            output_shape = (batch, length, self.units)
+        else:
+            output_shape = (batch, self.units)
+        if self.return_state:
+            return output_shape, (batch, self.units), (batch, self.units)
+        return output_shape
+
+    def compute_mask(self, _, mask):
+        if isinstance(mask, (list, tuple)):
+            mask = mask[0]
+        output_mask = mask if self.return_sequences else None
+        if self.return_state:
+            return [output_mask, None, None]
+        return output_mask
+
+    def call(self, sequences, initial_state=None, mask=None, training=False):
+        x = ops.cast(sequences, "float32")
+        if isinstance(mask, (list, tuple)):
+            mask = mask[0]
+        if mask is not None:
+            mask = ops.cast(mask, "bool")
+        if self.go_backwards:
+            x = ops.flip(x, axis=_TIME_AXIS)
+            if mask is not None:
+                mask = ops.flip(mask, axis=_TIME_AXIS)
+        train = bool(training) and self.trainable
+        batch = x.shape[0] if x.shape[0] is not None else ops.shape(x)[0]
+
+        # The input-to-hidden pre-activations of all timesteps at once.
+        gates_x = self.input_norm(
+            ops.matmul(x, ops.cast(self.kernel, "float32")), training=train, mask=mask
+        )
+        gates_x = ops.cast(gates_x, "float32") + ops.cast(self.bias, "float32")
+        if initial_state is None:
+            h = ops.zeros((batch, self.units), "float32")
+            state = (h, h)
+        else:
+            if len(initial_state) != 2:
+                raise ValueError(
+                    "BatchNormLSTM's `initial_state` is a list [h, c] of two "
+                    f"tensors. Received: {len(initial_state)} tensors"
+                )
+            state = tuple(ops.cast(s, "float32") for s in initial_state)
+        # Time-major for the scan; the mask as (time, batch, 1).
+        xs = [ops.transpose(gates_x, (1, 0, 2))]
+        if mask is not None:
+            xs.append(ops.expand_dims(ops.transpose(mask, (1, 0)), -1))
+        if train:
+            sequence, h, c = self._train_recurrence(state, xs, mask, batch)
+        else:
+            sequence, h, c = self._inference_recurrence(state, xs, mask)
+
+        if self.return_sequences:
+            output = ops.transpose(sequence, (1, 0, 2))
+        else:
+            output = h
+        output = ops.cast(output, self.compute_dtype)
+        if self.return_state:
+            return [
+                output,
+                ops.cast(h, self.compute_dtype),
+                ops.cast(c, self.compute_dtype),
+            ]
+        return output
+
+    def _weights(self):
+        def value(variable):
+            return None if variable is None else ops.cast(variable, "float32")
+
+        return (
+            value(self.recurrent_kernel),
+            value(self.recurrent_norm.gamma),
+            value(self.cell_norm.gamma),
+            value(self.cell_norm.beta),
+        )
+
+    def _cell(self, gates, c):
+        """The new cell state and the output gate from the gates' pre-activations."""
+        i, f, g, o = ops.split(gates, 4, axis=-1)
+        act, gate = self.activation, self.recurrent_activation
+        return gate(f) * c + gate(i) * act(g), gate(o)
+
+    def _train_recurrence(self, state, xs, mask, batch):
+        recurrent_kernel, gamma_h, gamma_c, beta_c = self._weights()
+        masked = mask is not None
+
+        def step(carry, inputs):
+            h, c = carry[0], carry[1]
+            gates_x = inputs[0]
+            step_mask = inputs[1] if masked else None
+            h_centered, h_mean, h_variance, h_count = _step_moments(
+                ops.matmul(h, recurrent_kernel), step_mask
+            )
+            multiplier = ops.rsqrt(h_variance + self.recurrent_norm.epsilon)
+            new_c, output_gate = self._cell(
+                gates_x + h_centered * (multiplier * gamma_h), c
+            )
+            c_centered, c_mean, c_variance, c_count = _step_moments(new_c, step_mask)
+            multiplier = ops.rsqrt(c_variance + self.cell_norm.epsilon)
+            normalized_c = c_centered * (multiplier * gamma_c)
+            if beta_c is not None:
+                normalized_c = normalized_c + beta_c
+            new_h = output_gate * self.activation(normalized_c)
+            if masked:
+                new_h = ops.where(step_mask, new_h, h)
+                new_c = ops.where(step_mask, new_c, c)
+            carried = (new_h, new_c, h_mean, h_variance, c_mean, c_variance)
+            if masked:
+                carried += (h_count, c_count)
+            # Keras' TensorFlow scan stacks outputs shaped as the carry.
+            return carried, carried
+
+        units = self.units
+        init = state + (
+            ops.zeros((1, 4 * units)),
+            ops.zeros((1, 4 * units)),
+            ops.zeros((1, units)),
+            ops.zeros((1, units)),
+        )
+        if masked:
+            init += (ops.zeros((1, 1)), ops.zeros((1, 1)))
+        last, stacked = ops.scan(step, init, tuple(xs))
+        sequence = stacked[0]
+        h_count, c_count = (stacked[6], stacked[7]) if masked else (batch, batch)
+        self.recurrent_norm.update_from_moments(stacked[2], stacked[3], h_count)
+        self.cell_norm.update_from_moments(stacked[4], stacked[5], c_count)
+        return sequence, last[0], last[1]
+
+    def _inference_recurrence(self, state, xs, mask):
+        recurrent_kernel, gamma_h, gamma_c, beta_c = self._weights()
+        steps = ops.shape(xs[0])[0]
+
+        def per_step(norm, gamma):
+            # Slot statistics per timestep, as (time, 1, features) scan inputs.
+            mean, variance = norm.population_statistics_at(steps)
+            multiplier = ops.rsqrt(ops.cast(variance, "float32") + norm.epsilon)
+            if gamma is not None:
+                multiplier = multiplier * gamma
+            return (
+                ops.expand_dims(ops.cast(mean, "float32"), 1),
+                ops.expand_dims(multiplier, 1),
+            )
+
+        h_statistics = per_step(self.recurrent_norm, gamma_h)
+        c_statistics = per_step(self.cell_norm, gamma_c)
+        masked = mask is not None
+        xs = tuple(xs) + h_statistics + c_statistics
+
+        def step(carry, inputs):
+            h, c = carry
+            gates_x = inputs[0]
+            h_mean, h_multiplier, c_mean, c_multiplier = inputs[-4:]
+            gates_h = (ops.matmul(h, recurrent_kernel) - h_mean) * h_multiplier
+            new_c, output_gate = self._cell(gates_x + gates_h, c)
+            normalized_c = (new_c - c_mean) * c_multiplier
+            if beta_c is not None:
+                normalized_c = normalized_c + beta_c
+            new_h = output_gate * self.activation(normalized_c)
+            if masked:
+                new_h = ops.where(inputs[1], new_h, h)
+                new_c = ops.where(inputs[1], new_c, c)
+            return (new_h, new_c), (new_h, new_c)
+
+        last, stacked = ops.scan(step, state, xs)
+        return stacked[0], last[0], last[1]
+
+    def get_config(self):
+        config = {
+            "units": self.units,
+            "max_timesteps": self.max_timesteps,
+            "activation": activations.serialize(self.activation),
+            "recurrent_activation": activations.serialize(self.recurrent_activation),
+            "kernel_initializer": initializers.serialize(self.kernel_initializer),
+            "recurrent_initializer": initializers.serialize(self.recurrent_initializer),
+            "bias_initializer": initializers.serialize(self.bias_initializer),
+            "unit_forget_bias": self.unit_forget_bias,
+            "gamma_initializer": initializers.serialize(self.gamma_initializer),
+            "kernel_regularizer": regularizers.serialize(self.kernel_regularizer),
+            "recurrent_regularizer": regularizers.serialize(self.recurrent_regularizer),
+            "bias_regularizer": regularizers.serialize(self.bias_regularizer),
+            "momentum": self.input_norm.momentum,
+            "epsilon": self.input_norm.epsilon,
+            "debias": self.input_norm.debias,
+            "unbiased_variance": self.input_norm.unbiased_variance,
+            "return_sequences": self.return_sequences,
+            "return_state": self.return_state,
+            "go_backwards": self.go_backwards,
+        }
+        return {**super().get_config(), **config}

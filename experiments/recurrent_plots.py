@@ -1,0 +1,74 @@
+"""The sequential-MNIST figures, drawn from the run's metrics file."""
+
+from pathlib import Path
+
+from experiments.plots import plt, save
+from experiments.recurrent_models import (
+    BN_LSTM,
+    LSTM,
+    NETWORKS,
+    PLOTTED_NORMS,
+    SPLITS,
+    TEST,
+)
+from experiments.run import read_json
+
+FIGURES = ("accuracy.png", "population_statistics.png")
+LABELS = {LSTM: "LSTM", BN_LSTM: "BN-LSTM"}
+COLORS = {LSTM: "tab:blue", BN_LSTM: "tab:red"}
+NORM_LABELS = {
+    "recurrent_norm": "hidden-to-hidden pre-activation (input gate)",
+    "cell_norm": "cell state",
+}
+
+
+def plot_all(metrics_path, out_dir=None):
+    """Writes the accuracy curves and the statistics figure; returns the paths."""
+    metrics_path = Path(metrics_path)
+    out_dir = Path(out_dir) if out_dir is not None else metrics_path.parent
+    metrics = read_json(metrics_path)
+    return [
+        save(_accuracy(metrics), out_dir / FIGURES[0]),
+        save(_statistics(metrics), out_dir / FIGURES[1]),
+    ]
+
+
+def _accuracy(metrics):
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    steps = metrics["steps"]
+    for name in NETWORKS:
+        for split in SPLITS:
+            ax.plot(
+                steps,
+                metrics["accuracy"][name][split],
+                color=COLORS[name],
+                linestyle="-" if split == TEST else "--",
+                label=f"{LABELS[name]}, {split}",
+            )
+    ax.set_xlabel("training step")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(0.0, 1.0)
+    ax.set_title(f"Sequential MNIST ({metrics['config']['task']})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return fig
+
+
+def _statistics(metrics):
+    statistics = metrics["population_statistics"]
+    neurons = metrics["config"]["neurons"]
+    fig, axes = plt.subplots(2, len(PLOTTED_NORMS), figsize=(11, 6), squeeze=False)
+    for column, norm in enumerate(PLOTTED_NORMS):
+        for row, key in enumerate(("mean", "variance")):
+            ax = axes[row][column]
+            values = statistics[norm][key]
+            for i, unit in enumerate(neurons):
+                ax.plot([v[i] for v in values], label=f"unit {unit}")
+            ax.set_xlabel("timestep")
+            ax.set_ylabel(f"population {key}")
+            ax.set_title(NORM_LABELS[norm], fontsize=10)
+            ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("BN-LSTM population statistics by timestep")
+    fig.tight_layout()
+    return fig
