@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import warnings
 from typing import Any
 
 import keras
@@ -97,11 +98,19 @@ def recompute_statistics(
     ]
     trainable = [v.value for v in model.trainable_variables]
     non_trainable = [v.value for v in model.non_trainable_variables]
-    # Finite stand-ins for the old statistics, which are replaced, not
-    # blended: a NaN state (0 * NaN is NaN) must not survive the recompute.
-    for mean_at, variance_at in slots:
-        non_trainable[mean_at] = ops.zeros_like(non_trainable[mean_at])
-        non_trainable[variance_at] = ops.ones_like(non_trainable[variance_at])
+    # Stand-ins for the old statistics, which are replaced, never blended
+    # in, so that a NaN state cannot survive. Our layers replace outright and
+    # leave what a batch does not reach (a masked feature, a timestep beyond
+    # the batch's sequences) as it was: NaN marks it as not reached. Keras'
+    # layer blends with weight 0, and 0 * NaN is NaN: finite values for it.
+    for layer, (mean_at, variance_at) in zip(layers, slots, strict=True):
+        mean, variance = non_trainable[mean_at], non_trainable[variance_at]
+        if isinstance(layer, BatchNorm):
+            non_trainable[mean_at] = ops.full_like(mean, np.nan)
+            non_trainable[variance_at] = ops.full_like(variance, np.nan)
+        else:
+            non_trainable[mean_at] = ops.zeros_like(mean)
+            non_trainable[variance_at] = ops.ones_like(variance)
     totals = [_Pooled() for _ in layers]
     run = _compiled_statistics(model, slots)
     saved = [_capture_batch_statistics(layer) for layer in layers]
@@ -116,37 +125,46 @@ def recompute_statistics(
                 )
             statistics = run(trainable, non_trainable, x)
             examples = int(ops.shape(x)[0])
-            for layer, total, (mean, variance) in zip(
-                layers, totals, statistics, strict=True
-            ):
+            for total, (mean, variance) in zip(totals, statistics, strict=True):
                 total.add(
                     examples, ops.convert_to_numpy(mean), ops.convert_to_numpy(variance)
                 )
-                if not (
-                    np.all(np.isfinite(total.mean)) and np.all(np.isfinite(total.m2))
-                ):
-                    raise ValueError(
-                        f"Batch {step} of `data` gives non-finite statistics in "
-                        f"layer {layer.name!r} (a NaN or inf in the data, or "
-                        "weights that overflow); nothing was recomputed."
-                    )
     finally:
         for layer, attributes in zip(layers, saved, strict=True):
             for name, value in attributes.items():
                 setattr(layer, name, value)
-    if totals[0].count == 0:
+    if totals[0].batches == 0:
         raise ValueError("`data` yielded no batch: nothing to recompute from.")
+    for layer, total in zip(layers, totals, strict=True):
+        if not total.reached.any():
+            raise ValueError(
+                f"No batch of `data` gave finite statistics for layer "
+                f"{layer.name!r} (its inputs overflow, or the data never reach "
+                "it); nothing was recomputed."
+            )
 
     result = {}
     for layer, total in zip(layers, totals, strict=True):
-        mean, variance = total.mean, total.variance
+        reached = total.reached
+        if not reached.all():
+            warnings.warn(
+                f"Precise BN: {int((~reached).sum())} of {reached.size} population "
+                f"statistics of layer {layer.name!r} got no usable value from "
+                "`data` (features or timesteps it never reaches, or non-finite "
+                "activations); they keep their previous values.",
+                stacklevel=2,
+            )
+        old_mean = ops.convert_to_numpy(layer.moving_mean).astype("float64")
+        old_variance = ops.convert_to_numpy(layer.moving_variance).astype("float64")
+        mean = np.where(reached, total.mean, old_mean)
+        variance = np.where(reached, total.variance, old_variance)
         layer.moving_mean.assign(mean.astype("float32"))
         layer.moving_variance.assign(variance.astype("float32"))
         if getattr(layer, "renorm", False):
             # Keras derives moving_variance from moving_stddev under renorm.
-            layer.moving_stddev.assign(
-                np.sqrt(variance + layer.epsilon).astype("float32")
-            )
+            stddev = ops.convert_to_numpy(layer.moving_stddev).astype("float64")
+            stddev = np.where(reached, np.sqrt(variance + layer.epsilon), stddev)
+            layer.moving_stddev.assign(stddev.astype("float32"))
         result[layer.name] = (mean, variance)
     return result
 
@@ -202,28 +220,43 @@ def _all_finite(x):
 
 
 class _Pooled:
-    """Mean and variance of all values, from per-batch moments (Chan et al.)."""
+    """Mean and variance of all values, from per-batch moments (Chan et al.).
+
+    Entry by entry: a batch whose statistic is not finite for an entry (not
+    reached by it) adds nothing to that entry.
+    """
 
     def __init__(self):
-        self.count = 0
+        self.batches = 0
+        self.count = None
         self.mean = None
         self.m2 = None
 
     def add(self, count, mean, variance):
         mean = np.asarray(mean, dtype="float64")
-        m2 = np.asarray(variance, dtype="float64") * count
-        if self.count == 0:
-            self.count, self.mean, self.m2 = count, mean, m2
+        variance = np.asarray(variance, dtype="float64")
+        usable = np.isfinite(mean) & np.isfinite(variance)
+        added = np.where(usable, float(count), 0.0)
+        mean = np.where(usable, mean, 0.0)
+        m2 = np.where(usable, variance, 0.0) * added
+        self.batches += 1
+        if self.count is None:
+            self.count, self.mean, self.m2 = added, mean, m2
             return
-        total = self.count + count
+        total = self.count + added
+        share = added / np.maximum(total, 1.0)
         delta = mean - self.mean
-        self.mean = self.mean + delta * (count / total)
-        self.m2 = self.m2 + m2 + delta**2 * (self.count * count / total)
+        self.mean = self.mean + delta * share
+        self.m2 = self.m2 + m2 + delta**2 * self.count * share
         self.count = total
 
     @property
+    def reached(self):
+        return self.count > 0
+
+    @property
     def variance(self):
-        return self.m2 / self.count
+        return self.m2 / np.maximum(self.count, 1.0)
 
 
 def _batches(data, batch_size):

@@ -147,3 +147,23 @@ def test_empty_data_is_an_error():
 
 def test_exported_from_the_package():
     assert bn_keras.recompute_statistics is recompute_statistics
+
+
+def test_statistics_the_data_never_reach_keep_their_values(rng):
+    """Padded timesteps never enter a per-timestep statistic: it is kept, with a
+    warning, not replaced by a placeholder."""
+    inputs = keras.Input((6, 3))
+    masked = keras.layers.Masking()(inputs)
+    model = keras.Model(inputs, BatchNorm(axis=1)(masked))
+    bn = batch_norm_layers(model)[0]
+    old_mean = rng.normal(size=6).astype("float32")
+    bn.moving_mean.assign(old_mean)
+    x = rng.normal(2.0, 3.0, size=(40, 6, 3)).astype("float32")
+    x[:, 4:] = 0.0  # every sequence ends after 4 steps
+    with pytest.warns(UserWarning, match="2 of 6 population statistics"):
+        recompute_statistics(model, x, batch_size=20, progress=False)
+    mean, variance = _np(bn.moving_mean), _np(bn.moving_variance)
+    np.testing.assert_allclose(mean[:4], x[:, :4].mean(axis=(0, 2)), rtol=1e-5)
+    np.testing.assert_allclose(variance[:4], x[:, :4].var(axis=(0, 2)), rtol=1e-4)
+    np.testing.assert_array_equal(mean[4:], old_mean[4:])
+    np.testing.assert_array_equal(variance[4:], np.ones(2))
