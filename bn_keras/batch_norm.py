@@ -256,6 +256,7 @@ class BatchNorm(keras.layers.Layer):
                 dtype="int32",
                 trainable=False,
                 autocast=False,
+                aggregation="only_first_replica",
             )
         self.input_spec = keras.layers.InputSpec(
             ndim=rank, axes={a: input_shape[a] for a in axes}
@@ -273,13 +274,18 @@ class BatchNorm(keras.layers.Layer):
         )
 
     def _add_statistic(self, name, initializer):
-        # Float32 under mixed precision (autocast=False), never trained.
+        # Float32 under mixed precision (autocast=False), never trained. Under
+        # a tf.distribute strategy, "mean" keeps the replicas' copies equal
+        # (the mean of their updates, as tf-keras did); with Keras' default
+        # each replica's copy drifts with its own slice, and saving keeps the
+        # first one's. Other backends have one copy.
         return self.add_weight(
             shape=self._statistics_shape,
             name=name,
             initializer=initializer,
             trainable=False,
             autocast=False,
+            aggregation="mean",
         )
 
     # Subclass hooks. `BatchNorm` keeps one population statistic per feature
