@@ -3,8 +3,10 @@
 Data flows one way: `sequences` turns the flat MNIST arrays into sequences,
 `build_models` makes the two networks from the same seed, `train_and_evaluate`
 trains them on the same mini-batches and records validation and test
-accuracy, `inference_check` tests the trained BN-LSTM four ways, and
-`population_statistics` reads its per-timestep statistics for the figure.
+accuracy, `recompute` gives a copy of the trained BN-LSTM whose population
+statistics are recomputed from training sequences (precise BN),
+`inference_check` tests the BN-LSTM with its moving averages and with the
+recomputed statistics, and `population_statistics` reads both for the figure.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 from keras import ops
 from tqdm.auto import tqdm
 
+import bn_keras
 from bn_keras import BatchNormLSTM, TimestepBatchNorm
 
 # The tasks: how an image becomes a sequence.
@@ -32,13 +35,25 @@ VALIDATION = "validation"
 TEST = "test"
 SPLITS = (VALIDATION, TEST)
 
-# The inference check: the BN-LSTM's test accuracy with each source of
-# statistics, in this order.
-PER_TIMESTEP = "per_timestep_population"
-SHARED = "shared_population"
+# The BN-LSTM's population statistics: the moving averages kept during
+# training (what a Keras BN layer gives), and the statistics recomputed after
+# training from training sequences with the weights frozen (precise BN).
+EMA = "ema"
+PRECISE = "precise"
+ESTIMATES = (EMA, PRECISE)
+# The trained BN-LSTM with recomputed statistics, beside NETWORKS in the
+# final accuracies and the saved models.
+BN_LSTM_PRECISE = "bn_lstm_precise"
+
+# The inference check: the BN-LSTM's test accuracy with each estimate used
+# per timestep (true inference), as one statistic shared by all timesteps
+# (the common mistake), and one sequence at a time; and with each test
+# batch's own statistics, which need no estimate.
+PER_TIMESTEP = "per_timestep"
+SHARED = "shared"
+ONE_AT_A_TIME = "one_at_a_time"
+CHECKS = (PER_TIMESTEP, SHARED, ONE_AT_A_TIME)
 BATCH_STATS = "test_batch_statistics"
-ONE_AT_A_TIME = "one_at_a_time_population"
-CHECKS = (PER_TIMESTEP, SHARED, BATCH_STATS, ONE_AT_A_TIME)
 
 # The BN-LSTM's normalizations whose population statistics are plotted.
 PLOTTED_NORMS = ("recurrent_norm", "cell_norm")
@@ -216,28 +231,36 @@ def _share_statistics(model):
         norm.moving_variance.assign(np.broadcast_to(pooled_variance, mean.shape))
 
 
-def inference_check(model, x, y, batch_size: int, progress=True) -> dict:
-    """The BN-LSTM's test accuracy with four sources of normalization statistics.
+def precise_sample(x, examples: int, seed: int) -> np.ndarray:
+    """`examples` sequences of `x` drawn without replacement from `seed`."""
+    order = np.random.default_rng([seed, 2]).permutation(len(x))
+    return x[order[:examples]]
 
-    - per-timestep population statistics, batched (true inference);
-    - one statistic shared by all timesteps (the pooled per-timestep ones);
-    - each test batch of `batch_size` normalized with its own statistics;
-    - one sequence at a time with per-timestep population statistics, which
-      must give the batched probabilities on every test example.
+
+def recompute(model, x_train, batches: int, batch_size: int, seed: int, progress=True):
+    """A copy of `model` with its population statistics recomputed (precise BN).
+
+    `bn_keras.recompute_statistics` over `batches` batches of `batch_size`
+    training sequences drawn from `seed`, the weights of `model` frozen:
+    each timestep's statistics become the moments of its pre-activations
+    over those sequences. `model` keeps its moving averages.
     """
+    copy = _copy(model)
+    bn_keras.recompute_statistics(
+        copy,
+        precise_sample(x_train, batches * batch_size, seed),
+        batch_size=batch_size,
+        steps=batches,
+        progress=progress,
+    )
+    return copy
+
+
+def _population_check(model, x, y, progress):
+    """Accuracy with the population statistics of `model`, in three ways."""
     batched = model.predict(x, batch_size=EVAL_BATCH, verbose=0)
     shared = _copy(model)
     _share_statistics(shared)
-    own = _copy(model)
-    own_predictions = []
-    for start in range(0, len(x), batch_size):
-        chunk = x[start : start + batch_size]
-        if len(chunk) < 2:  # a batch of one has no statistics of its own
-            chunk = x[start - 1 : start + 1]
-            own_predictions.append(ops.convert_to_numpy(own(chunk, training=True))[1:])
-            continue
-        own_predictions.append(ops.convert_to_numpy(own(chunk, training=True)))
-    own_predictions = np.concatenate(own_predictions)
     singles = np.concatenate(
         [
             model.predict_on_batch(x[i : i + 1])
@@ -246,39 +269,79 @@ def inference_check(model, x, y, batch_size: int, progress=True) -> dict:
             )
         ]
     )
-
-    def correct(probabilities):
-        return float(np.mean(np.argmax(probabilities, axis=-1) == y))
-
     return {
-        PER_TIMESTEP: correct(batched),
-        SHARED: correct(model_predictions(shared, x)),
-        BATCH_STATS: correct(own_predictions),
-        ONE_AT_A_TIME: correct(singles),
+        PER_TIMESTEP: _correct(batched, y),
+        SHARED: _correct(shared.predict(x, batch_size=EVAL_BATCH, verbose=0), y),
+        ONE_AT_A_TIME: _correct(singles, y),
         "one_at_a_time_agreement": float(
             np.mean(np.argmax(singles, -1) == np.argmax(batched, -1))
         ),
         "one_at_a_time_max_abs_difference": float(np.max(np.abs(singles - batched))),
-        "examples": len(x),
     }
 
 
-def model_predictions(model, x):
-    return model.predict(x, batch_size=EVAL_BATCH, verbose=0)
+def _batch_statistics_predictions(model, x, batch_size):
+    """Each batch of `batch_size` normalized with its own statistics."""
+    own = _copy(model)
+    predictions = []
+    for start in range(0, len(x), batch_size):
+        chunk = x[start : start + batch_size]
+        if len(chunk) < 2:  # a batch of one has no statistics of its own
+            chunk = x[start - 1 : start + 1]
+            predictions.append(ops.convert_to_numpy(own(chunk, training=True))[1:])
+            continue
+        predictions.append(ops.convert_to_numpy(own(chunk, training=True)))
+    return np.concatenate(predictions)
 
 
-def population_statistics(model, neurons) -> dict:
+def _correct(probabilities, y):
+    return float(np.mean(np.argmax(probabilities, axis=-1) == y))
+
+
+def inference_check(models, x, y, batch_size: int, progress=True) -> dict:
+    """The BN-LSTM's test accuracy with each source of normalization statistics.
+
+    Args:
+        models: `{EMA: the trained BN-LSTM, PRECISE: its copy from recompute}`.
+
+    Returns:
+        For each estimate (`EMA`, `PRECISE`): the accuracy with its statistics
+        per timestep, batched (`PER_TIMESTEP`, true inference); pooled into one
+        statistic shared by all timesteps (`SHARED`); one sequence at a time
+        (`ONE_AT_A_TIME`), with how often its predictions agree with the
+        batched ones and their largest probability difference. And the
+        accuracy with each test batch of `batch_size` normalized with its own
+        statistics (`BATCH_STATS`).
+    """
+    check = {
+        estimate: _population_check(models[estimate], x, y, progress)
+        for estimate in ESTIMATES
+    }
+    check[BATCH_STATS] = _correct(
+        _batch_statistics_predictions(models[EMA], x, batch_size), y
+    )
+    check["examples"] = len(x)
+    return check
+
+
+def population_statistics(models, neurons) -> dict:
     """Per-timestep population mean and variance of the plotted units.
 
-    `{norm: {"mean": [timestep][unit], "variance": ...}}` for the BN-LSTM's
-    hidden-to-hidden (input gate: units 0 to units - 1) and cell normalizations.
+    `{estimate: {norm: {"mean": [timestep][unit], "variance": ...}}}` for
+    `models = {EMA: ..., PRECISE: ...}`, of the BN-LSTM's hidden-to-hidden
+    (input gate: units 0 to units - 1) and cell normalizations.
     """
-    layer = model.get_layer("bn_lstm")
     result = {}
-    for name in PLOTTED_NORMS:
-        norm = getattr(layer, name)
-        result[name] = {
-            "mean": ops.convert_to_numpy(norm.moving_mean)[:, neurons].tolist(),
-            "variance": ops.convert_to_numpy(norm.moving_variance)[:, neurons].tolist(),
-        }
+    for estimate in ESTIMATES:
+        layer = models[estimate].get_layer("bn_lstm")
+        result[estimate] = {}
+        for name in PLOTTED_NORMS:
+            norm = getattr(layer, name)
+            result[estimate][name] = {
+                key: ops.convert_to_numpy(variable)[:, neurons].tolist()
+                for key, variable in (
+                    ("mean", norm.moving_mean),
+                    ("variance", norm.moving_variance),
+                )
+            }
     return result
