@@ -15,8 +15,8 @@ from experiments.config import (
     load_config,
 )
 
-# Each shipped config and the defaults of the experiment that reads it: a
-# study's and a sweep's configs are named after them, the rest are mnist_mlp's.
+# Each shipped config and the defaults of the experiment that reads it: each
+# experiment's configs are named after it, the rest are mnist_mlp's.
 SHIPPED = sorted(CONFIG_DIR.glob("*.toml"))
 
 
@@ -25,6 +25,14 @@ def _defaults_for(path):
         return STUDY_DEFAULTS
     if path.name.startswith("lr_sweep"):
         return SWEEP_DEFAULTS
+    if path.name.startswith("sequential_mnist"):
+        from experiments.sequential_mnist import DEFAULTS as SEQUENTIAL_DEFAULTS
+
+        return SEQUENTIAL_DEFAULTS
+    if path.name.startswith("lenet_bn"):
+        from experiments.lenet_bn import DEFAULTS as LENET_DEFAULTS
+
+        return LENET_DEFAULTS
     return DEFAULTS
 
 
