@@ -191,6 +191,7 @@ def execute(
             config["data_source"],
             config["data_dir"] or None,
             verify=config["data_verify"],
+            dataset=config.get("dataset", "mnist"),
         )
         check_data_size(config, len(data.x_train), len(data.x_test))
         if experiment.check is not None:

@@ -12,6 +12,8 @@ import math
 import tomllib
 from pathlib import Path
 
+from experiments.data import DATASETS
+
 DEFAULTS = {
     # Reproducibility: the initial weights and the mini-batch sequence.
     "seed": 0,
@@ -69,6 +71,7 @@ SWEEP_DEFAULTS = {
 CHOICES = {
     "bn_impl": ("bn_keras", "keras"),
     "data_source": ("auto", "vendored", "dir", "tfds"),
+    "dataset": DATASETS,
     "loop": ("fast", "simple"),
     "evaluation": ("shared", "separate"),
 }
@@ -231,7 +234,7 @@ def _validate(config):
                 f"config key {key!r} lists {repeated[0]!r} more than once; each "
                 f"value counts once. Received: {config[key]!r}"
             )
-    if min(config["hidden_units"]) < 1:
+    if "hidden_units" in config and min(config["hidden_units"]) < 1:
         raise ConfigError(
             "config key 'hidden_units' must list at least one positive layer "
             f"size. Received: {config['hidden_units']!r}"
@@ -246,8 +249,8 @@ def _validate(config):
             f"config key 'bn_epsilon' must be positive. Received: "
             f"{config['bn_epsilon']!r}"
         )
-    last = config["hidden_units"][-1]
-    bad = [n for n in config["neurons"] if not 0 <= n < last]
+    last = config.get("hidden_units", [0])[-1]
+    bad = [n for n in config.get("neurons", []) if not 0 <= n < last]
     if bad:
         raise ConfigError(
             f"config key 'neurons' must name neurons of the last hidden layer, "
@@ -258,7 +261,8 @@ def _validate(config):
             "config key 'batch_size' must be at least 2: batch norm in training "
             f"mode needs two examples to normalize. Received: {config['batch_size']}"
         )
-    if config["steps"] % config.get("eval_every", config["steps"]):
+    steps = config.get("steps", 1)
+    if steps % config.get("eval_every", steps):
         raise ConfigError(
             f"config key 'steps' ({config['steps']}) must be a multiple of "
             f"'eval_every' ({config.get('eval_every')})"

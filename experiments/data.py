@@ -30,6 +30,10 @@ import zlib
 import numpy as np
 
 SOURCES = ("auto", "vendored", "dir", "tfds")
+# Datasets in MNIST's format. Only MNIST is vendored and has published sums of
+# its decompressed files; Fashion-MNIST (same counts, sizes and IDX headers)
+# comes from a user's folder or TFDS, checked by header, size and count.
+DATASETS = ("mnist", "fashion_mnist")
 DEFAULT_DATA_DIR = pathlib.Path(__file__).resolve().parents[1] / "data" / "mnist"
 ENV_VAR = "BN_KERAS_MNIST_DIR"
 
@@ -106,8 +110,9 @@ def load_mnist(
     data_dir: str | os.PathLike | None = None,
     *,
     verify: bool = True,
+    dataset: str = "mnist",
 ) -> Mnist:
-    """Loads MNIST from one of `SOURCES`.
+    """Loads MNIST (or Fashion-MNIST, `dataset`) from one of `SOURCES`.
 
     Args:
         source: `"auto"` reads `$BN_KERAS_MNIST_DIR` if set, else the vendored
@@ -120,6 +125,9 @@ def load_mnist(
             `"vendored"`.
         verify: Whether to check the MD5 of each decompressed IDX file against
             the published sums. Header, size and count checks always run.
+        dataset: One of `DATASETS`. `"fashion_mnist"` reads IDX files from
+            a folder (no sums are known, so `verify` does not apply) or TFDS'
+            `fashion_mnist`; the vendored copy is MNIST only.
 
     Returns:
         An `Mnist` tuple: `x_train` (60000, 784) and `x_test` (10000, 784)
@@ -133,6 +141,11 @@ def load_mnist(
         raise DataError(
             f"unknown MNIST source {source!r}; choose one of {', '.join(SOURCES)}"
         )
+    if dataset not in DATASETS:
+        raise DataError(
+            f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}"
+        )
+    verify = verify and dataset == "mnist"
     if source == "vendored":
         if data_dir is not None:
             raise DataError(
@@ -140,13 +153,23 @@ def load_mnist(
                 f"but data_dir={str(data_dir)!r} was given; use source 'dir' "
                 "to read another folder"
             )
+        if dataset != "mnist":
+            raise DataError(
+                f"dataset {dataset!r} is not vendored (only MNIST is); pass "
+                "--data-dir to a folder of its four IDX files"
+            )
         return _load_idx_dir(DEFAULT_DATA_DIR, verify=verify)
     from_env = data_dir is None and source in ("auto", "dir")
     source, data_dir = resolve_source(source, data_dir)
+    if dataset != "mnist" and source == "vendored":
+        raise DataError(
+            f"dataset {dataset!r} is not vendored (only MNIST is); pass --data-dir "
+            "to a folder of its four IDX files, or use --data-source tfds"
+        )
     if source == "vendored":
         return _load_idx_dir(DEFAULT_DATA_DIR, verify=verify)
     if source == "tfds":
-        return _load_tfds(data_dir)
+        return _load_tfds(data_dir, dataset)
     if data_dir is None:
         raise DataError(
             f"source 'dir' needs a folder of MNIST IDX files; pass "
@@ -290,7 +313,8 @@ def _read_checked(
             raise DataError(
                 f"{path}: MD5 of the decompressed data is {digest}, expected "
                 f"{md5}, so the file is modified or corrupt; re-download it, or "
-                "accept a modified copy with --set data_verify=false (in Python: "
+                "accept a modified copy (or another dataset in MNIST's format, "
+                "such as Fashion-MNIST) with --set data_verify=false (in Python: "
                 "verify=False)"
             )
     return path, array
@@ -327,10 +351,11 @@ def _to_float(images: np.ndarray) -> np.ndarray:
     return flat
 
 
-def _load_tfds(data_dir: str | None) -> Mnist:
+def _load_tfds(data_dir: str | None, dataset: str = "mnist") -> Mnist:
     where = data_dir or "TFDS' default folder ($TFDS_DATA_DIR or ~/tensorflow_datasets)"
     prepare = (
-        "python -c \"import tensorflow_datasets as tfds; tfds.builder('mnist'"
+        'python -c "import tensorflow_datasets as tfds; '
+        f"tfds.builder('{dataset}'"
         + (f", data_dir='{data_dir}'" if data_dir else "")
         + ').download_and_prepare()"'
     )
@@ -344,7 +369,7 @@ def _load_tfds(data_dir: str | None) -> Mnist:
         # the one line below says it all.
         with _quiet_absl():
             splits = tfds.load(
-                "mnist",
+                dataset,
                 split=["train", "test"],
                 as_supervised=True,
                 data_dir=data_dir,
@@ -358,14 +383,14 @@ def _load_tfds(data_dir: str | None) -> Mnist:
         if "could not find data" not in str(err):
             raise
         raise DataError(
-            f"tfds: 'mnist' is not prepared in {where}, and the experiments do not "
+            f"tfds: {dataset!r} is not prepared in {where}, and the experiments do not "
             f"download it; prepare it once with network access: {prepare}, or use "
             "the vendored copy (the default) or --data-dir"
         ) from None
     except Exception as err:
         reason = (str(err).strip().splitlines() or [""])[0]
         raise DataError(
-            f"tfds: cannot load 'mnist' from {where} ({type(err).__name__}: "
+            f"tfds: cannot load {dataset!r} from {where} ({type(err).__name__}: "
             f"{reason}); prepare it with {prepare}, or use --data-dir or the "
             "vendored copy"
         ) from err
