@@ -151,6 +151,16 @@ def normalize_broadcast(x, mean, variance, gamma, beta, epsilon):
     multiplier = ops.rsqrt(variance + epsilon)
     if gamma is not None:
         multiplier = multiplier * gamma
+    backend = keras.backend.backend()
+    if backend == "torch" and beta is not None:
+        import torch
+
+        # Two kernels, as Keras' own: torch runs eagerly, op by op.
+        return torch.addcmul(beta, x - mean, multiplier)
+    return _subtract_first(x, mean, multiplier, beta)
+
+
+def _subtract_first(x, mean, multiplier, beta):
     outputs = (x - mean) * multiplier
     return outputs if beta is None else outputs + beta
 
