@@ -7,8 +7,17 @@ from typing import Any
 import keras
 from keras import constraints, initializers, ops, regularizers
 
-from bn_keras import checks, masking, renorm, statistics, validation, virtual_batch
+from bn_keras import (
+    checks,
+    masking,
+    renorm,
+    statistics,
+    validation,
+    virtual_batch,
+)
+from bn_keras import fused as fused_kernel
 from bn_keras.moments import (
+    Moments,
     fold,
     moments,
     normalize,
@@ -96,6 +105,12 @@ class BatchNorm(keras.layers.Layer):
             unbiased batch variance.
         virtual_batch_size: Optional positive integer, the size of the ghost
             batches; the batch size must be a multiple of it.
+        fused: Whether to use TensorFlow's fused batch-norm kernel
+            (`FusedBatchNormV3`, forward and backward). `None` (default): where
+            it gives the same results (TensorFlow, one channels-last or
+            channels-first feature axis, float32, no mask, renorm, ghost
+            batches or synchronization; see `bn_keras.fused`). `True`: always,
+            and a `ValueError` that says why where it cannot. `False`: never.
         **kwargs: Base layer keyword arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -138,6 +153,7 @@ class BatchNorm(keras.layers.Layer):
         debias: bool = False,
         unbiased_variance: bool = False,
         virtual_batch_size: int | None = None,
+        fused: bool | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -167,6 +183,12 @@ class BatchNorm(keras.layers.Layer):
         self.virtual_batch_size = validation.validate_virtual_batch_size(
             virtual_batch_size
         )
+        self.fused = validation.validate_fused(fused)
+        if self.fused:
+            why = fused_kernel.unavailable(self.epsilon)
+            why = why or fused_kernel.training_unsupported(self)
+            if why:
+                raise ValueError(_no_fused_kernel(why))
         self.supports_masking = True
 
         self.gamma = None
@@ -211,6 +233,10 @@ class BatchNorm(keras.layers.Layer):
             input_shape[i] if i in axes else 1 for i in range(rank)
         )
         self._statistics_shape = self._statistics_shape_for(self._param_shape)
+        self._fused_layout = self._choose_fused_layout(axes, statistics_axes, rank)
+        self._fused_training = self._fused_layout is not None and (
+            fused_kernel.training_unsupported(self) is None
+        )
 
         if self.scale:
             self.gamma = self._add_parameter(
@@ -261,6 +287,21 @@ class BatchNorm(keras.layers.Layer):
         self.input_spec = keras.layers.InputSpec(
             ndim=rank, axes={a: input_shape[a] for a in axes}
         )
+
+    def _choose_fused_layout(self, axes, statistics_axes, rank):
+        """The fused kernel's data format for these inputs, or None (not fused)."""
+        if self.fused is False:
+            return None
+        data_format, why = fused_kernel.layout(axes, rank)
+        if statistics_axes != axes:
+            why = "the population statistics vary along more axes than gamma/beta"
+        elif why is None:
+            why = fused_kernel.unavailable(self.epsilon)
+        if why is None:
+            return data_format
+        if self.fused:
+            raise ValueError(_no_fused_kernel(why))
+        return None
 
     def _add_parameter(self, name, initializer, regularizer, constraint):
         return self.add_weight(
@@ -361,6 +402,7 @@ class BatchNorm(keras.layers.Layer):
                 self._parameter(self.gamma, x.dtype),
                 self._parameter(self.beta, x.dtype),
                 self.epsilon,
+                self._fused_layout,
             )
         return normalize_broadcast(
             x,
@@ -375,6 +417,8 @@ class BatchNorm(keras.layers.Layer):
         shape = ops.shape(x)
         batch = shape[0]
         x = checks.require(batch > 0, checks.empty_batch_message(x.shape), x)
+        if self._use_fused_training(x, mask):
+            return self._fused_train_call(x)
         ghosts = self.virtual_batch_size is not None
         reduction_axes, broadcast_shape = self._reduction_axes, self._broadcast_shape
         if ghosts:
@@ -407,6 +451,32 @@ class BatchNorm(keras.layers.Layer):
         )
         outputs = batch_moments.centered * multiplier + offset
         return virtual_batch.merge(outputs, shape) if ghosts else outputs
+
+    def _use_fused_training(self, x, mask):
+        if not self._fused_training:
+            return False
+        why = None
+        if mask is not None:
+            why = "a mask selects the values that enter the batch statistics"
+        elif (dtype := keras.backend.standardize_dtype(x.dtype)) != "float32":
+            why = f"the kernel has no {dtype} version"
+        if why and self.fused:
+            raise ValueError(_no_fused_kernel(why))
+        return why is None
+
+    def _fused_train_call(self, x):
+        count = static_count(x, self._reduction_axes)
+        message = checks.single_value_message(x.shape, self._reduction_axes, None)
+        x = checks.require(count > 1, message, x)
+        outputs, mean, variance = fused_kernel.train(
+            x,
+            self._fused_layout,
+            self._parameter(self.gamma, x.dtype),
+            self._parameter(self.beta, x.dtype),
+            self.epsilon,
+        )
+        self._update_statistics(Moments(None, mean, variance, count, 0.0), False)
+        return outputs
 
     def _most_values_per_feature(self, x, reduction_axes, batch_moments, mask):
         """How many values a feature can have in this batch, or None if unknown.
@@ -475,8 +545,16 @@ class BatchNorm(keras.layers.Layer):
             "debias": self.debias,
             "unbiased_variance": self.unbiased_variance,
             "virtual_batch_size": self.virtual_batch_size,
+            "fused": self.fused,
         }
         return {**super().get_config(), **config}
+
+
+def _no_fused_kernel(why):
+    return (
+        f"`fused=True`, but the fused kernel cannot be used: {why}. Pass "
+        "`fused=None` to use it only where it applies. Received: fused=True"
+    )
 
 
 def _clone_initializer(initializer):

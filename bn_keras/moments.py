@@ -5,6 +5,7 @@ from typing import NamedTuple
 import keras
 from keras import ops
 
+from bn_keras import fused
 from bn_keras.distributed import all_reduce_sum, num_replicas
 
 
@@ -115,23 +116,23 @@ def fold(mean, variance, gamma, beta, epsilon):
     return multiplier, offset
 
 
-def normalize(x, axes, mean, variance, gamma, beta, epsilon):
+def normalize(x, axes, mean, variance, gamma, beta, epsilon, data_format=None):
     """`gamma * (x - mean) / sqrt(variance + epsilon) + beta` with statistics.
 
     The statistics and `gamma`/`beta` (None when off) have the shape of the
     feature `axes`. The mean is subtracted first, exact for inputs near it
     (Sterbenz): Keras' fold `x * a + (beta - mean * a)` cancels two terms of
     the size of `mean * a`, and for float32 inputs of mean 1e6 and std 1e-2 it
-    is off by about 2. On TensorFlow, channels-last float32 inputs go through
-    the fused inference kernel, which subtracts first in a single pass.
+    is off by about 2. With a `data_format` ("NHWC" or "NCHW", see
+    `bn_keras.fused`), float32 inputs go through TensorFlow's fused inference
+    kernel, which subtracts first in a single pass.
     """
     rank = len(x.shape)
     if (
-        keras.backend.backend() == "tensorflow"
-        and axes == (rank - 1,)
+        data_format is not None
         and keras.backend.standardize_dtype(x.dtype) == "float32"
     ):
-        return _tensorflow_fused_inference(x, mean, variance, gamma, beta, epsilon)
+        return fused.inference(x, data_format, mean, variance, gamma, beta, epsilon)
     broadcast_shape = [x.shape[i] if i in axes else 1 for i in range(rank)]
 
     def expand(value):
@@ -163,29 +164,6 @@ def normalize_broadcast(x, mean, variance, gamma, beta, epsilon):
 def _subtract_first(x, mean, multiplier, beta):
     outputs = (x - mean) * multiplier
     return outputs if beta is None else outputs + beta
-
-
-def _tensorflow_fused_inference(x, mean, variance, gamma, beta, epsilon):
-    import tensorflow as tf
-
-    channels = x.shape[-1]
-    if gamma is None:
-        gamma = tf.ones_like(mean)
-    if beta is None:
-        beta = tf.zeros_like(mean)
-    # Any channels-last input is a (values, 1, 1, channels) image to the
-    # kernel; the reshapes are free.
-    outputs, *_ = tf.raw_ops.FusedBatchNormV3(
-        x=tf.reshape(x, (-1, 1, 1, channels)),
-        scale=gamma,
-        offset=beta,
-        mean=mean,
-        variance=variance,
-        epsilon=epsilon,
-        is_training=False,
-        data_format="NHWC",
-    )
-    return tf.reshape(outputs, tf.shape(x))
 
 
 def bessel_factor(count):

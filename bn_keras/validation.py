@@ -97,6 +97,12 @@ def validate_debias(debias, momentum):
     return debias
 
 
+def validate_fused(fused):
+    if fused is None or isinstance(fused, bool):
+        return fused
+    raise ValueError(f"`fused` must be True, False or None. Received: fused={fused!r}")
+
+
 def validate_virtual_batch_size(value):
     if value is None:
         return None

@@ -1,0 +1,135 @@
+"""TensorFlow's fused batch-norm kernel, where it gives the layer's semantics.
+
+`FusedBatchNormV3` normalizes a 4-D tensor over every axis but the channels
+in one kernel, forward and backward (tf-keras' `fused=True`). It applies to
+`BatchNorm` when:
+
+- the backend is TensorFlow;
+- there is one feature axis, the last (channels-last, any rank >= 2, seen by
+  the kernel as `(values, 1, 1, channels)`) or axis 1 of an input of rank
+  >= 3 (channels-first, seen as `(batch, channels, values, 1)`);
+- the input is float32 (half inputs are widened to float32 first; float64
+  has no fused kernel);
+- there is no mask, no renorm, no ghost batches, no synchronized moments
+  (those change the statistics the kernel would compute);
+- `epsilon >= 1.001e-5`, the smallest cuDNN accepts on a GPU.
+
+The kernel returns the batch mean and the *unbiased* batch variance; the
+layer turns the latter back into the biased variance before its own guarded
+update of the population statistics, so every statistics option (momentum,
+`momentum=None`, `debias`, `unbiased_variance`) and every guard (single
+value per feature, non-finite moments) holds on the fused path as well.
+"""
+
+import keras
+
+MIN_EPSILON = 1.001e-5
+
+
+def unavailable(epsilon):
+    """Why the kernel cannot run at all, or None if it can."""
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        return f"the fused kernel is TensorFlow's, and the backend is {backend}"
+    if epsilon < MIN_EPSILON:
+        return (
+            f"the kernel needs epsilon >= {MIN_EPSILON} (cuDNN's minimum), "
+            f"and epsilon={epsilon}"
+        )
+    return None
+
+
+def training_unsupported(layer):
+    """Why the layer's options rule the kernel out in training, or None."""
+    if layer.renorm:
+        return "renorm=True puts the renorm corrections into the normalization"
+    if layer.virtual_batch_size is not None:
+        return "virtual_batch_size normalizes each ghost batch on its own"
+    if layer.synchronized:
+        return "synchronized=True needs the moments of the global batch"
+    return None
+
+
+def layout(axes, rank):
+    """`("NHWC" | "NCHW", None)` for the feature `axes` of a rank-`rank` input,
+    or `(None, why not)`."""
+    if len(axes) != 1:
+        return None, f"the kernel normalizes one feature axis, and axis={axes}"
+    (axis,) = axes
+    if axis == rank - 1 and rank >= 2:
+        return "NHWC", None
+    if axis == 1 and rank >= 3:
+        return "NCHW", None
+    return None, (
+        "the feature axis must be the last (channels-last) or axis 1 "
+        f"(channels-first), and it is axis {axis} of an input of rank {rank}"
+    )
+
+
+def _as_image(x, data_format):
+    import tensorflow as tf
+
+    if data_format == "NHWC":
+        return tf.reshape(x, (-1, 1, 1, x.shape[-1]))
+    return tf.reshape(x, (tf.shape(x)[0], x.shape[1], -1, 1))
+
+
+def _parameters(gamma, beta, channels):
+    import tensorflow as tf
+
+    if gamma is None:
+        gamma = tf.ones((channels,), "float32")
+    if beta is None:
+        beta = tf.zeros((channels,), "float32")
+    return gamma, beta
+
+
+def train(x, data_format, gamma, beta, epsilon):
+    """Training-mode normalization of float32 `x` by the fused kernel.
+
+    `gamma`/`beta` have the shape `(channels,)`, None when off. Returns
+    `(outputs, mean, variance)`: the batch mean and the biased batch
+    variance, without gradient (they feed the population statistics only).
+    """
+    import tensorflow as tf
+
+    channels = x.shape[-1] if data_format == "NHWC" else x.shape[1]
+    gamma, beta = _parameters(gamma, beta, channels)
+    empty = tf.constant([], "float32")
+    outputs, mean, unbiased_variance, *_ = tf.raw_ops.FusedBatchNormV3(
+        x=_as_image(x, data_format),
+        scale=gamma,
+        offset=beta,
+        mean=empty,
+        variance=empty,
+        epsilon=epsilon,
+        is_training=True,
+        data_format=data_format,
+    )
+    count = tf.cast(tf.size(x) // channels, "float32")
+    # n / (n - 1) undone; with n == 1 the kernel's variance is not finite and
+    # the statistics are skipped (the layer raises before, where it can).
+    variance = tf.stop_gradient(unbiased_variance) * ((count - 1.0) / count)
+    return tf.reshape(outputs, tf.shape(x)), tf.stop_gradient(mean), variance
+
+
+def inference(x, data_format, mean, variance, gamma, beta, epsilon):
+    """Inference-mode normalization of float32 `x` with the given statistics.
+
+    The kernel subtracts the mean first, in a single pass: exact for inputs
+    near the mean however large it is.
+    """
+    import tensorflow as tf
+
+    gamma, beta = _parameters(gamma, beta, mean.shape[0])
+    outputs, *_ = tf.raw_ops.FusedBatchNormV3(
+        x=_as_image(x, data_format),
+        scale=gamma,
+        offset=beta,
+        mean=mean,
+        variance=variance,
+        epsilon=epsilon,
+        is_training=False,
+        data_format=data_format,
+    )
+    return tf.reshape(outputs, tf.shape(x))
