@@ -8,13 +8,16 @@ interleaved and each is reported as the ratio of its median time to Keras'
 median in the same run (below 1: faster than Keras). "bn_keras, no guards"
 is ours with the plain EMA update of Keras instead of the guarded one (no
 finiteness or count checks on the statistics): the difference is what the
-guards cost.
+guards cost. On TensorFlow, "bn_keras" uses the fused kernel on every shape
+here (`fused=None`), and "bn_keras, fused=False" is the unfused path, which
+the other backends, masks, renorm, ghost batches and synchronized layers take.
 
 Run from the repository root, once per backend:
 `KERAS_BACKEND=jax python -m benchmarks.bench_layer`.
 """
 
 import argparse
+import functools
 import os
 import statistics
 import time
@@ -27,7 +30,11 @@ from keras import ops  # noqa: E402
 
 from bn_keras import BatchNorm  # noqa: E402
 
-SHAPES = {"dense (60, 100)": (60, 100), "NHWC (64, 32, 32, 64)": (64, 32, 32, 64)}
+SHAPES = {
+    "dense (60, 100)": ((60, 100), -1),
+    "NHWC (64, 32, 32, 64)": ((64, 32, 32, 64), -1),
+    "NCHW (64, 64, 32, 32)": ((64, 64, 32, 32), 1),
+}
 
 
 class UnguardedBatchNorm(BatchNorm):
@@ -46,6 +53,8 @@ VARIANTS = {
     "bn_keras": BatchNorm,
     "bn_keras, no guards": UnguardedBatchNorm,
 }
+if keras.backend.backend() == "tensorflow":
+    VARIANTS["bn_keras, fused=False"] = functools.partial(BatchNorm, fused=False)
 
 
 def _tensorflow_steps(layer, x):
@@ -163,9 +172,9 @@ def main(argv=None):
         f"{'shape':24} {'':14} {'keras (ms)':>11} "
         + " ".join(f"{name:>20}" for name in list(VARIANTS)[1:])
     )
-    for label, shape in SHAPES.items():
+    for label, (shape, axis) in SHAPES.items():
         x = rng.normal(1.0, 2.0, size=shape).astype("float32")
-        steps = {name: _steps(make(), x) for name, make in VARIANTS.items()}
+        steps = {name: _steps(make(axis=axis), x) for name, make in VARIANTS.items()}
         for step in ("training step", "inference"):
             fns = {name: steps[name][step] for name in VARIANTS}
             for fn in fns.values():

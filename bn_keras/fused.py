@@ -95,9 +95,18 @@ def train(x, data_format, gamma, beta, epsilon):
 
     channels = x.shape[-1] if data_format == "NHWC" else x.shape[1]
     gamma, beta = _parameters(gamma, beta, channels)
+    image = _as_image(x, data_format)
+    # The kernel sums the raw values: for float32 inputs of mean 1e6 and std
+    # 1e-2 its output is off by about 3 (as Keras' layer). Fed the deviations
+    # from one of the batch's values, it is exact to float32 rounding, for
+    # one more pass over the input (the output does not change with a shift).
+    first = (slice(0, 1),) * 3 if data_format == "NHWC" else (0, slice(None), 0)
+    shift = tf.stop_gradient(image[first])
+    if data_format == "NCHW":
+        shift = tf.reshape(shift, (1, channels, 1, 1))
     empty = tf.constant([], "float32")
     outputs, mean, unbiased_variance, *_ = tf.raw_ops.FusedBatchNormV3(
-        x=_as_image(x, data_format),
+        x=image - shift,
         scale=gamma,
         offset=beta,
         mean=empty,
@@ -110,7 +119,8 @@ def train(x, data_format, gamma, beta, epsilon):
     # n / (n - 1) undone; with n == 1 the kernel's variance is not finite and
     # the statistics are skipped (the layer raises before, where it can).
     variance = tf.stop_gradient(unbiased_variance) * ((count - 1.0) / count)
-    return tf.reshape(outputs, tf.shape(x)), tf.stop_gradient(mean), variance
+    mean = tf.stop_gradient(mean) + tf.reshape(shift, (channels,))
+    return tf.reshape(outputs, tf.shape(x)), mean, variance
 
 
 def inference(x, data_format, mean, variance, gamma, beta, epsilon):
