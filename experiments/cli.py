@@ -88,11 +88,19 @@ def parse_args(argv, experiment):
         help="batch-norm layer: bn_keras.BatchNorm (default) or "
         "keras.layers.BatchNormalization, for comparison",
     )
+    if "seeds" in defaults:
+        parser.add_argument(
+            "--seeds",
+            metavar="S,S,...",
+            help="the seeds to run, comma-separated (--seeds 0,1,2,3,4); the "
+            "same as --set seeds=[0,1,2,3,4]",
+        )
     parser.add_argument(
         "--quiet", action="store_true", help="no progress bar or summary"
     )
     args = parser.parse_args(argv)
     args.resume = getattr(args, "resume", None)
+    args.seeds = getattr(args, "seeds", None)
     if args.resume is not None:
         given = [
             flag
@@ -103,6 +111,7 @@ def parse_args(argv, experiment):
                 ("--data-source", args.data_source),
                 ("--data-dir", args.data_dir),
                 ("--bn-impl", args.bn_impl),
+                ("--seeds", args.seeds),
             )
             if value
         ]
@@ -117,6 +126,8 @@ def parse_args(argv, experiment):
         value = getattr(args, key)
         if value:
             args.overrides.append(f"{key}={_toml_string(value)}")
+    if args.seeds is not None:
+        args.overrides.append(f"seeds=[{args.seeds}]")
     return args
 
 

@@ -17,6 +17,10 @@ from experiments.data import DATASETS
 DEFAULTS = {
     # Reproducibility: the initial weights and the mini-batch sequence.
     "seed": 0,
+    # Figure 1 over several seeds, trained together (each its own draw and
+    # mini-batches); `seed` is the first of them, whose networks are saved.
+    # Setting one of the two sets the other: seed=3 is seeds=[3].
+    "seeds": [0],
     # The network: 784 inputs, sigmoid hidden layers, 10 softmax outputs.
     "hidden_units": [100, 100],
     # Deliberately unscaled N(0, init_stddev) weights: where BN's effect shows.
@@ -51,7 +55,7 @@ DEFAULTS = {
 
 # The population-statistics study (experiments.population_study) adds:
 STUDY_DEFAULTS = {
-    **DEFAULTS,
+    **{k: v for k, v in DEFAULTS.items() if k != "seeds"},
     # Training batches over which precise BN recomputes the statistics.
     "precise_bn_batches": 50,
 }
@@ -98,13 +102,27 @@ def load_config(path=None, overrides=(), defaults=DEFAULTS):
     config = dict(defaults)
     if path is not None:
         path = Path(path)
-        for key, value in read_config_file(path).items():
+        values = read_config_file(path)
+        for key, value in values.items():
             config[key] = _checked(key, value, f"in {path}", defaults)
+        _link_seeds(config, values)
     for item in overrides:
         key, value = _parse_override(item)
         config[key] = _checked(key, value, f"in --set {item}", defaults)
+        _link_seeds(config, (key,))
     _validate(config)
     return config
+
+
+def _link_seeds(config, given):
+    """Where the defaults have both, `seed` is the first of `seeds`: setting
+    one sets the other (seed=3 is seeds=[3]); setting both, they must agree."""
+    if not {"seed", "seeds"} <= config.keys():
+        return
+    if "seed" in given and "seeds" not in given:
+        config["seeds"] = [config["seed"]]
+    elif "seeds" in given and "seed" not in given:
+        config["seed"] = config["seeds"][0]
 
 
 def config_from_mapping(values, defaults, where):
@@ -234,6 +252,12 @@ def _validate(config):
                 f"config key {key!r} lists {repeated[0]!r} more than once; each "
                 f"value counts once. Received: {config[key]!r}"
             )
+    if "seed" in config and "seeds" in config and config["seeds"][0] != config["seed"]:
+        raise ConfigError(
+            f"config keys 'seed' ({config['seed']}) and 'seeds' "
+            f"({config['seeds']}) disagree: 'seed' is the first of 'seeds'; set "
+            "only one of them"
+        )
     if "hidden_units" in config and min(config["hidden_units"]) < 1:
         raise ConfigError(
             "config key 'hidden_units' must list at least one positive layer "

@@ -162,6 +162,12 @@ def single_example_check(model, x_test, y_test, first=100):
     population = one_at_a_time(POPULATION).numpy()
     own_stats = one_at_a_time(BATCH_STATS).numpy()
     batched = np.argmax(model.predict(x_test, batch_size=1000, verbose=0), axis=-1)
+    return single_example_summary(population, own_stats, batched, labels, first)
+
+
+def single_example_summary(population, own_stats, batched, labels, first=100):
+    """`single_example_check`'s dict from the predicted classes: one example at
+    a time with population statistics and with its own, and batched."""
     histogram = np.bincount(own_stats, minlength=10)
     return {
         POPULATION: {

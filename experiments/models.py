@@ -66,12 +66,7 @@ def initialize(models, config):
     Biases start at zero, BN at gamma=1, beta=0, so all the networks compute
     the same pre-activations `x W` at the start.
     """
-    rng = np.random.default_rng(config["seed"])
-    sizes = [NUM_PIXELS, *config["hidden_units"], NUM_CLASSES]
-    kernels = [
-        (config["init_stddev"] * rng.standard_normal(shape)).astype("float32")
-        for shape in zip(sizes[:-1], sizes[1:], strict=True)
-    ]
+    kernels = initial_kernels(config, config["seed"])
     for model in models:
         dense = [
             layer for layer in model.layers if isinstance(layer, keras.layers.Dense)
@@ -81,6 +76,16 @@ def initialize(models, config):
             if layer.use_bias:
                 layer.bias.assign(np.zeros(layer.bias.shape, "float32"))
     return models
+
+
+def initial_kernels(config, seed):
+    """The N(0, init_stddev) draw of `seed`: one float32 kernel per Dense layer."""
+    rng = np.random.default_rng(seed)
+    sizes = [NUM_PIXELS, *config["hidden_units"], NUM_CLASSES]
+    return [
+        (config["init_stddev"] * rng.standard_normal(shape)).astype("float32")
+        for shape in zip(sizes[:-1], sizes[1:], strict=True)
+    ]
 
 
 def build_networks(config):

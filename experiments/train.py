@@ -143,23 +143,34 @@ def train_and_evaluate(
         config["learning_rate"],
         config["loop"],
     )
+    return run_schedule(
+        trainer,
+        config,
+        evaluate,
+        [float("nan")] * len(networks),
+        progress=progress,
+        report=report,
+        desc=desc or f"training {len(networks)} networks",
+    )
+
+
+def run_schedule(trainer, config, evaluate, no_loss, progress, report, desc):
+    """`trainer.train` in chunks of `eval_every` steps, `evaluate()` after
+    each and at step 0; returns the records (see `train_and_evaluate`), with
+    `no_loss` as step 0's `train_loss`. The progress bar shows each curve's
+    accuracy (its mean where the evaluator gives one value per seed)."""
     steps, every = config["steps"], config["eval_every"]
-    records = [{"step": 0, **evaluate(), "train_loss": [float("nan")] * len(networks)}]
+    records = [{"step": 0, **evaluate(), "train_loss": no_loss}]
     if report is not None:
         report(0, steps)
-    with tqdm(
-        total=steps,
-        unit="step",
-        disable=not progress,
-        desc=desc or f"training {len(networks)} networks",
-    ) as bar:
+    with tqdm(total=steps, unit="step", disable=not progress, desc=desc) as bar:
         for start in range(0, steps, every):
             loss = trainer.train(start, start + every)
             record = {"step": start + every, **evaluate(), "train_loss": loss.tolist()}
             records.append(record)
             bar.update(every)
             bar.set_postfix(
-                {k: f"{v:.4f}" for k, v in record.get("accuracy", {}).items()},
+                {k: f"{np.mean(v):.4f}" for k, v in record.get("accuracy", {}).items()},
                 refresh=False,
             )
             if report is not None:
