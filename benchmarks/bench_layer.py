@@ -1,7 +1,8 @@
 """Times bn_keras.BatchNorm against keras.layers.BatchNormalization, on any backend.
 
-For each feature shape, a training step (forward, backward, SGD update of
-gamma and beta, moving-statistics update) and an inference call, compiled as
+For each feature shape, a training step (forward, backward to the input as
+inside a network, SGD update of gamma and beta, moving-statistics update) and
+an inference call, compiled as
 each backend compiles (`tf.function` on TensorFlow, `jax.jit` on JAX; torch
 runs eagerly, as Keras' torch backend does by default). The variants' runs are
 interleaved and each is reported as the ratio of its median time to Keras'
@@ -65,11 +66,12 @@ def _tensorflow_steps(layer, x):
     @tf.function
     def train_step():
         with tf.GradientTape() as tape:
+            tape.watch(x)
             loss = tf.reduce_sum(tf.square(layer(x, training=True)))
-        grads = tape.gradient(loss, layer.trainable_variables)
+        dx, *grads = tape.gradient(loss, [x, *layer.trainable_variables])
         for variable, grad in zip(layer.trainable_variables, grads, strict=True):
             variable.assign_sub(1e-3 * grad)
-        return loss
+        return loss + tf.reduce_sum(dx)  # dx is used, as a layer below would
 
     @tf.function
     def inference():
@@ -88,7 +90,7 @@ def _jax_steps(layer, x):
         "non_trainable": [v.value for v in layer.non_trainable_variables],
     }
 
-    def loss_fn(trainable, non_trainable):
+    def loss_fn(x, trainable, non_trainable):
         y, non_trainable = layer.stateless_call(
             trainable, non_trainable, x, training=True
         )
@@ -96,11 +98,10 @@ def _jax_steps(layer, x):
 
     @jax.jit
     def jitted_train(trainable, non_trainable):
-        (loss, non_trainable), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            trainable, non_trainable
-        )
+        grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+        (loss, non_trainable), (dx, grads) = grad_fn(x, trainable, non_trainable)
         trainable = [v - 1e-3 * g for v, g in zip(trainable, grads, strict=True)]
-        return loss, trainable, non_trainable
+        return loss + jnp.sum(dx), trainable, non_trainable
 
     @jax.jit
     def jitted_inference(trainable, non_trainable):
@@ -122,20 +123,20 @@ def _jax_steps(layer, x):
 def _torch_steps(layer, x):
     import torch
 
-    x = torch.as_tensor(x)
+    x = torch.as_tensor(x).requires_grad_()
 
     def train_step():
         loss = torch.sum(torch.square(layer(x, training=True)))
         variables = layer.trainable_variables
-        grads = torch.autograd.grad(loss, [v.value for v in variables])
+        dx, *grads = torch.autograd.grad(loss, [x, *(v.value for v in variables)])
         with torch.no_grad():
             for variable, grad in zip(variables, grads, strict=True):
                 variable.value.sub_(1e-3 * grad)
-        return loss
+            return loss + torch.sum(dx)
 
     def inference():
         with torch.no_grad():
-            return torch.sum(layer(x, training=False))
+            return torch.sum(layer(x.detach(), training=False))
 
     return {"training step": train_step, "inference": inference}
 

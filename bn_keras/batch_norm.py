@@ -234,8 +234,13 @@ class BatchNorm(keras.layers.Layer):
         )
         self._statistics_shape = self._statistics_shape_for(self._param_shape)
         self._fused_layout = self._choose_fused_layout(axes, statistics_axes, rank)
-        self._fused_training = self._fused_layout is not None and (
-            fused_kernel.training_unsupported(self) is None
+        # Training on request, or on images and volumes: for smaller inputs
+        # the kernel's fixed cost outweighs its gain (dense (60, 100): 1.05x
+        # to 1.13x Keras' step, unfused 0.99x).
+        self._fused_training = (
+            self._fused_layout is not None
+            and fused_kernel.training_unsupported(self) is None
+            and (self.fused or rank in (4, 5))
         )
 
         if self.scale:
@@ -297,8 +302,13 @@ class BatchNorm(keras.layers.Layer):
             why = "the population statistics vary along more axes than gamma/beta"
         elif why is None:
             why = fused_kernel.unavailable(self.epsilon)
-        if why is None:
+        if why is None and (data_format == "NHWC" or self.fused):
+            # Channels-first on request only: the CPU kernel transposes to
+            # channels-last and back (1.7x Keras' training step, 7x its
+            # inference, measured in benchmarks/bench_layer.py).
             return data_format
+        if why is None:
+            return None
         if self.fused:
             raise ValueError(_no_fused_kernel(why))
         return None

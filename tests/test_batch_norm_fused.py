@@ -52,11 +52,15 @@ def _graph_ops(layer, x, training, mask=None):
     "shape, axis, kwargs, fused_kernel",
     [
         ((4, 5, 6, 3), -1, {}, True),  # NHWC
-        ((4, 3, 5, 6), 1, {}, True),  # NCHW
+        ((4, 3, 5, 6), 1, {}, False),  # NCHW: on request (slow on CPU)
+        ((4, 3, 5, 6), 1, {"fused": True}, True),
         ((2, 3, 4, 5, 3), -1, {}, True),  # NDHWC
-        ((2, 3, 4, 5, 3), 1, {}, True),  # NCDHW
-        ((16, 5), -1, {}, True),  # dense: (values, 1, 1, channels)
-        ((8, 4, 3), 1, {}, True),  # channels-first 1-D
+        ((2, 3, 4, 5, 3), 1, {"fused": True}, True),  # NCDHW
+        ((16, 5), -1, {}, False),  # dense: on request, as (values, 1, 1, channels)
+        ((16, 5), -1, {"fused": True}, True),
+        ((8, 4, 3), -1, {}, False),  # sequences: on request
+        ((8, 4, 3), -1, {"fused": True}, True),
+        ((8, 4, 3), 1, {"fused": True}, True),  # channels-first 1-D
         ((4, 3, 5, 6), 2, {}, False),  # a middle axis
         ((4, 3, 5, 6), (1, 3), {}, False),  # two feature axes
         ((16, 5), 0, {}, False),  # axis 0 of a 2-D input
@@ -73,18 +77,18 @@ def test_auto_uses_the_kernel_exactly_where_it_applies(
     x = rng.normal(size=shape).astype("float32")
     layer = BatchNorm(axis=axis, **kwargs)
     assert (KERNEL in _graph_ops(layer, x, training=True)) == fused_kernel
-    # Inference: the kernel wherever the layout allows (renorm and ghost
-    # batches infer with plain population statistics; synchronized too).
+    # Inference: channels-last inputs of any rank (renorm and ghost batches
+    # infer with plain population statistics; synchronized too).
     inference = fused_kernel or (
-        axis in (-1, 1) and kwargs.get("epsilon", 1.0) > 1e-5 and "fused" not in kwargs
+        axis == -1 and kwargs.get("epsilon", 1.0) > 1e-5 and "fused" not in kwargs
     )
     assert (KERNEL in _graph_ops(layer, x, training=False)) == inference
 
 
 @TF_ONLY
 def test_masks_and_float64_take_the_unfused_path(rng):
-    x = rng.normal(size=(4, 5, 3)).astype("float32")
-    mask = rng.uniform(size=(4, 5)) > 0.3
+    x = rng.normal(size=(4, 5, 2, 3)).astype("float32")
+    mask = rng.uniform(size=(4, 5, 2)) > 0.3
     assert KERNEL not in _graph_ops(BatchNorm(), x, True, mask)
     wide = x.astype("float64")
     assert KERNEL not in _graph_ops(BatchNorm(dtype="float64"), wide, True)
@@ -233,15 +237,21 @@ def test_fused_non_finite_batch_leaves_its_features(rng):
 
 
 @TF_ONLY
+@pytest.mark.parametrize("mode", ["eager", "graph", "xla"])
 @pytest.mark.parametrize("axis", [-1, 1])
-def test_fused_training_is_exact_at_large_means(rng, axis):
+def test_fused_training_is_exact_at_large_means(rng, axis, mode):
     # The kernel alone sums raw values and is off by about 3 here (as Keras'
     # layer); fed deviations from one of the batch's values it is not.
+    import tensorflow as tf
+
     x = rng.normal(1e6, 1e-2, (100, 10, 10, 8)).astype("float32")
     if axis == 1:
         x = np.ascontiguousarray(np.moveaxis(x, -1, 1))
     layer = BatchNorm(axis=axis, momentum=0.0, fused=True)
-    y = _as64(layer(x, training=True))
+    call = lambda x: layer(x, training=True)  # noqa: E731
+    if mode != "eager":
+        call = tf.function(call, jit_compile=mode == "xla")
+    y = _as64(call(x))
     expected, mean, variance, _ = reference.train_transform(x, None, None, 1e-3, axis)
     np.testing.assert_allclose(y, expected, rtol=0, atol=1e-5)
     np.testing.assert_allclose(_as64(layer.moving_mean), mean, rtol=1e-7)
