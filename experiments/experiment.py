@@ -73,18 +73,22 @@ def _train_stacked(run_dir, config, data, progress):
     networks = stacked.StackedNetworks(config, config["seeds"])
     trainer = stacked.StackedTrainer(networks, data.x_train, data.y_train, config)
     evaluator = stacked.StackedEvaluator(
-        networks, data.x_test, data.y_test, config["neurons"]
+        networks, data.x_test, data.y_test, config["neurons"], config=config
     )
     k = len(networks)
-    records = run_schedule(
-        trainer,
-        config,
-        evaluator,
-        [[float("nan")] * k] * 2,
-        progress=progress,
-        report=run_dir.progress,
-        desc=f"training {2 * k} networks",
-    )
+    try:
+        records = run_schedule(
+            trainer,
+            config,
+            evaluator,
+            [[float("nan")] * k] * 2,
+            progress=progress,
+            report=run_dir.progress,
+            desc=f"training {2 * k} networks",
+            start=evaluator.start,
+        )
+    finally:
+        evaluator.close()
     run_dir.stage("single-example check")
     singles = stacked.single_example_check(networks, data.x_test, data.y_test)
     by_seed = [

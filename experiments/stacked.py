@@ -3,9 +3,9 @@
 Each seed has its own initial weights and its own sequence of mini-batches
 (`models.initial_kernels`, `train.batch_indices`). Their kernels are stacked
 on a leading seed axis, `(seeds, fan_in, units)`, and the activations are
-laid out `(batch, seeds, units)`, so that one training step of every seed's
-plain and BN network is one batched product per layer, `(seeds, batch, 784)`
-by `(seeds, 784, units)`, instead of `2 * seeds` small ones.
+laid out `(batch, seeds, units)`, so that one XLA-compiled call trains every
+seed's plain and BN network for all the steps between two evaluations. Each
+seed's mini-batch goes through its own kernels (`product`).
 
 Batch norm sees the seeds side by side, `(batch, seeds * units)`: statistics
 per feature over the batch are exactly each seed's own, so one BN layer over
@@ -13,9 +13,15 @@ per feature over the batch are exactly each seed's own, so one BN layer over
 arithmetic unchanged.
 
 At test time all seeds see the same images, so the first layer of every
-seed's plain and BN network is a single `(10000, 784) x (784, 2 * seeds *
-units)` product, shared by the BN network's two modes.
+seed's network is one `(10000, 784) x (784, seeds * units)` product per
+network, shared by the BN network's two modes; the evaluation of one chunk's
+weights runs while the next chunk trains (`StackedEvaluator.start`).
+
+With one seed every product is the 2-D product of the Keras models, and the
+numbers are those of the per-network loop, bit for bit (tests/test_seeds.py).
 """
+
+import concurrent.futures
 
 import keras
 import numpy as np
@@ -94,6 +100,17 @@ class StackedNetworks:
         return variables + [
             v for layer in self.bn_layers for v in layer.trainable_variables
         ]
+
+    @property
+    def variables(self):
+        """Every variable, trainable or not, in a fixed order."""
+        return [
+            v
+            for name in (PLAIN, BN)
+            for pair in zip(self.kernels[name], self.biases[name], strict=True)
+            for v in pair
+            if v is not None
+        ] + [v for layer in self.bn_layers for v in layer.weights]
 
     def forward(self, name, first, modes=(POPULATION,), training=False):
         """Runs network `name` of every seed from its first layer's output.
@@ -281,15 +298,34 @@ class StackedEvaluator:
 
     Calling it returns `{"accuracy": {curve: (seeds,) floats}, "activations":
     {network: (seeds, len(neurons), 4) array}}`.
+
+    `start()` instead copies the weights into a snapshot and evaluates the
+    snapshot on a worker thread, returning a future of the same dict: the
+    next training chunk can run meanwhile (each of the two mostly waits on
+    its own small or large products, so the two cores share them better),
+    with the same numbers.
     """
 
-    def __init__(self, networks, x_test, y_test, neurons):
-        self.networks = networks
+    def __init__(self, networks, x_test, y_test, neurons, config=None):
+        self.live = networks
+        # The snapshot the evaluation reads; the networks themselves without
+        # a config to build one.
+        self.networks = (
+            networks if config is None else StackedNetworks(config, networks.seeds)
+        )
         self.x = tf.constant(x_test)
         self.y = tf.constant(y_test)
         self.neurons = tf.constant(neurons, dtype="int32")
         # Graph mode, not XLA: for a (10000, 784) matmul oneDNN is faster here.
         self._evaluate = tf.function(self._summaries)
+        self._copy = tf.function(self._copy_graph)
+        self._pool = None
+
+    def _copy_graph(self):
+        for target, source in zip(
+            self.networks.variables, self.live.variables, strict=True
+        ):
+            target.assign(source)
 
     def _summaries(self):
         networks = self.networks
@@ -308,7 +344,7 @@ class StackedEvaluator:
                     activations[name] = tf.reshape(summary, (k, len(self.neurons), -1))
         return {"accuracy": accuracy, "activations": activations}
 
-    def __call__(self):
+    def _values(self):
         values = self._evaluate()
         return {
             "accuracy": {
@@ -319,6 +355,27 @@ class StackedEvaluator:
                 name: summary.numpy() for name, summary in values["activations"].items()
             },
         }
+
+    def __call__(self):
+        if self.networks is not self.live:
+            self._copy()
+        return self._values()
+
+    def start(self):
+        """Snapshots the weights and evaluates them on a worker thread; the
+        previous `start()`'s future must be done."""
+        if self.networks is self.live:
+            raise ValueError("start() needs a snapshot: pass config= to build one")
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="evaluation"
+            )
+        self._copy()
+        return self._pool.submit(self._values)
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.shutdown()
 
 
 def correct_by_seed(logits, labels):

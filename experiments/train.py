@@ -154,25 +154,44 @@ def train_and_evaluate(
     )
 
 
-def run_schedule(trainer, config, evaluate, no_loss, progress, report, desc):
+def run_schedule(
+    trainer, config, evaluate, no_loss, progress, report, desc, start=None
+):
     """`trainer.train` in chunks of `eval_every` steps, `evaluate()` after
     each and at step 0; returns the records (see `train_and_evaluate`), with
     `no_loss` as step 0's `train_loss`. The progress bar shows each curve's
-    accuracy (its mean where the evaluator gives one value per seed)."""
+    accuracy (its mean where the evaluator gives one value per seed).
+
+    With `start` (a function that snapshots the weights and returns a future
+    of `evaluate()`'s values, as `StackedEvaluator.start`), each evaluation
+    runs while the next chunk trains; the numbers are the same.
+    """
     steps, every = config["steps"], config["eval_every"]
-    records = [{"step": 0, **evaluate(), "train_loss": no_loss}]
-    if report is not None:
-        report(0, steps)
+    records = []
+
+    def record(step, values, loss):
+        records.append({"step": step, **values, "train_loss": loss})
+        bar.update(step - bar.n)
+        bar.set_postfix(
+            {k: f"{np.mean(v):.4f}" for k, v in values.get("accuracy", {}).items()},
+            refresh=False,
+        )
+        if report is not None:
+            report(step, steps)
+
     with tqdm(total=steps, unit="step", disable=not progress, desc=desc) as bar:
-        for start in range(0, steps, every):
-            loss = trainer.train(start, start + every)
-            record = {"step": start + every, **evaluate(), "train_loss": loss.tolist()}
-            records.append(record)
-            bar.update(every)
-            bar.set_postfix(
-                {k: f"{np.mean(v):.4f}" for k, v in record.get("accuracy", {}).items()},
-                refresh=False,
-            )
-            if report is not None:
-                report(start + every, steps)
+        if start is None:
+            record(0, evaluate(), no_loss)
+            for begin in range(0, steps, every):
+                loss = trainer.train(begin, begin + every)
+                record(begin + every, evaluate(), loss.tolist())
+            return records
+        pending = (0, start(), no_loss)
+        for begin in range(0, steps, every):
+            loss = trainer.train(begin, begin + every)
+            step, future, previous_loss = pending
+            record(step, future.result(), previous_loss)
+            pending = (begin + every, start(), loss.tolist())
+        step, future, previous_loss = pending
+        record(step, future.result(), previous_loss)
     return records

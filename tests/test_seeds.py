@@ -52,13 +52,27 @@ def reference_run(config, data, seed):
 
 
 def stacked_run(config, data):
+    """All seeds together, each evaluation overlapping the next chunk (the
+    default run's path)."""
     networks = stacked.StackedNetworks(config, config["seeds"])
     trainer = stacked.StackedTrainer(networks, data.x_train, data.y_train, config)
     evaluator = stacked.StackedEvaluator(
-        networks, data.x_test, data.y_test, config["neurons"]
+        networks, data.x_test, data.y_test, config["neurons"], config=config
     )
     k = len(networks)
-    records = run_schedule(trainer, config, evaluator, [[NAN] * k] * 2, False, None, "")
+    try:
+        records = run_schedule(
+            trainer,
+            config,
+            evaluator,
+            [[NAN] * k] * 2,
+            False,
+            None,
+            "",
+            start=evaluator.start,
+        )
+    finally:
+        evaluator.close()
     return networks, records
 
 
