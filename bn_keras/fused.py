@@ -14,6 +14,10 @@ in one kernel, forward and backward (tf-keras' `fused=True`). It applies to
   (those change the statistics the kernel would compute);
 - `epsilon >= 1.001e-5`, the smallest cuDNN accepts on a GPU.
 
+With `fused=None` the layer uses it for channels-last inputs only, and in
+training only on 4-D and 5-D inputs, where it is faster than the unfused ops
+on a CPU; `fused=True` asks for it wherever it applies.
+
 The kernel returns the batch mean and the *unbiased* batch variance; the
 layer turns the latter back into the biased variance before its own guarded
 update of the population statistics, so every statistics option (momentum,
