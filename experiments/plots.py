@@ -211,12 +211,13 @@ def _means(metrics):
         means = np.asarray(first["activations"][key], dtype=float)[:, :, MEAN]
         for i, neuron in enumerate(metrics["activations"]["neurons"]):
             ax.plot(steps, means[:, i], linewidth=1, label=f"neuron {neuron}")
-        seed = f", seed {first['seed']}" if several else ""
-        ax.set_title(f"{title}: mean sigmoid input over the test set{seed}")
+        ax.set_title(f"{title}: mean sigmoid input over the test set")
         ax.set_xlabel("Training steps")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("Mean sigmoid input")
     axes[1].legend(loc="best", fontsize="small")
+    if several:
+        fig.suptitle(f"The networks of seed {first['seed']}")
     return fig
 
 
