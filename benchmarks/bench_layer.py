@@ -31,6 +31,12 @@ from keras import ops  # noqa: E402
 
 from bn_keras import BatchNorm  # noqa: E402
 
+# Issue 14's targets for bn_keras / Keras (the first column).
+TARGETS = {
+    ("dense (60, 100)", "training step"): 1.0,
+    ("NHWC (64, 32, 32, 64)", "training step"): 0.7,
+    ("NHWC (64, 32, 32, 64)", "inference"): 1.0,
+}
 SHAPES = {
     "dense (60, 100)": ((60, 100), -1),
     "NHWC (64, 32, 32, 64)": ((64, 32, 32, 64), -1),
@@ -189,6 +195,10 @@ def main(argv=None):
                 f"{medians[name]:8.3f} ms {medians[name] / medians['keras']:5.2f}x"
                 for name in list(VARIANTS)[1:]
             ]
+            target = TARGETS.get((label, step))
+            if target is not None:
+                met = medians["bn_keras"] / medians["keras"] <= target
+                cells.append(f"target <= {target}: {'met' if met else 'MISSED'}")
             print(
                 f"{label:24} {step:14} {medians['keras']:11.3f} "
                 + " ".join(f"{c:>20}" for c in cells)
