@@ -105,7 +105,7 @@ def train(x, data_format, gamma, beta, epsilon):
     channels = x.shape[-1] if data_format == "NHWC" else x.shape[1]
     gamma, beta = _parameters(gamma, beta, channels)
     image = _as_image(x, data_format)
-    outputs, mean, variance = _kernel_train(image, data_format, gamma, beta, epsilon)
+    outputs, mean, variance = _kernel(image, data_format, gamma, beta, epsilon)
 
     # The kernel sums raw values, and loses about |mean| / std float32 ulps
     # of the output: for float32 inputs of mean 1e6 and std 1e-2 it is off by
@@ -119,7 +119,7 @@ def train(x, data_format, gamma, beta, epsilon):
         else:
             shift = tf.reshape(image[0, :, 0], (1, channels, 1, 1))
         shift = tf.stop_gradient(shift)
-        outputs, mean, variance = _kernel_train(
+        outputs, mean, variance = _kernel(
             image - shift, data_format, gamma, beta, epsilon
         )
         return outputs, mean + tf.reshape(shift, (channels,)), variance
@@ -153,22 +153,28 @@ def _compiled_by_xla():
     )
 
 
-def _kernel_train(image, data_format, gamma, beta, epsilon):
-    """The kernel in training mode: outputs, batch mean, unbiased variance."""
+def _kernel(image, data_format, gamma, beta, epsilon, statistics=None):
+    """`FusedBatchNormV3` on a 4-D `image`: `(outputs, mean, variance)`.
+
+    Without `statistics`, training mode: the batch mean and the unbiased
+    batch variance. With `statistics = (mean, variance)`, inference mode.
+    """
     import tensorflow as tf
 
-    empty = tf.constant([], "float32")
-    outputs, mean, variance, *_ = tf.raw_ops.FusedBatchNormV3(
+    training = statistics is None
+    if training:
+        empty = tf.constant([], "float32")
+        statistics = (empty, empty)
+    return tf.raw_ops.FusedBatchNormV3(
         x=image,
         scale=gamma,
         offset=beta,
-        mean=empty,
-        variance=empty,
+        mean=statistics[0],
+        variance=statistics[1],
         epsilon=epsilon,
-        is_training=True,
+        is_training=training,
         data_format=data_format,
-    )
-    return outputs, mean, variance
+    )[:3]
 
 
 def inference(x, data_format, mean, variance, gamma, beta, epsilon):
@@ -180,14 +186,6 @@ def inference(x, data_format, mean, variance, gamma, beta, epsilon):
     import tensorflow as tf
 
     gamma, beta = _parameters(gamma, beta, mean.shape[0])
-    outputs, *_ = tf.raw_ops.FusedBatchNormV3(
-        x=_as_image(x, data_format),
-        scale=gamma,
-        offset=beta,
-        mean=mean,
-        variance=variance,
-        epsilon=epsilon,
-        is_training=False,
-        data_format=data_format,
-    )
+    image = _as_image(x, data_format)
+    outputs, _, _ = _kernel(image, data_format, gamma, beta, epsilon, (mean, variance))
     return tf.reshape(outputs, tf.shape(x))
