@@ -20,11 +20,9 @@ from experiments.metrics import (
     BN,
     BN_BATCH_STATS,
     BN_POPULATION,
-    METRICS_FILE,
     PLAIN,
     POPULATION,
     STATISTICS,
-    SUMMARY_FILE,
     finite_lists,
     finite_or_none,
 )
@@ -62,7 +60,7 @@ def run(run_dir, config, data, progress=True):
     run_dir.checkpoint("models saved")
     metrics = collect_metrics(config, records, singles)
     metrics["wall_seconds"] = time.perf_counter() - start
-    write_outputs(run_dir, metrics, plots.plot_all, summary_table(metrics), progress)
+    run_dir.write_outputs(metrics, plots.plot_all, summary_table(metrics), progress)
     return metrics
 
 
@@ -136,21 +134,6 @@ def _train_each_seed(run_dir, config, data, progress):
         singles.append(single_example_check(networks.bn, data.x_test, data.y_test))
         first = first or networks
     return records, singles, first
-
-
-def write_outputs(run_dir, metrics, plot, summary, progress):
-    """Writes `metrics.json`, then the figures `plot(path, out_dir)` draws from
-    it, then `summary.md`; prints the summary if `progress`."""
-    run_dir.stage("writing outputs")
-    run_dir.write_json(METRICS_FILE, metrics)
-    run_dir.checkpoint("metrics written")
-    plot(run_dir.file(METRICS_FILE), run_dir.path)
-    run_dir.checkpoint("figures written")
-    run_dir.write_text(SUMMARY_FILE, summary)
-    run_dir.checkpoint("summary written")
-    if progress:
-        print(summary)
-        print(f"Outputs in {run_dir.path}")
 
 
 def collect_metrics(config, records, singles):

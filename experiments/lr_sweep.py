@@ -34,7 +34,6 @@ def run(run_dir, config, data, progress=True):
     from tqdm.auto import tqdm
 
     from experiments import plots
-    from experiments.experiment import write_outputs
 
     start = time.perf_counter()
     grid = [(lr, seed) for lr in config["learning_rates"] for seed in config["seeds"]]
@@ -70,8 +69,8 @@ def run(run_dir, config, data, progress=True):
         "wall_seconds": time.perf_counter() - start,
         "cells_from_earlier_sessions": earlier,
     }
-    write_outputs(
-        run_dir, metrics, plots.plot_lr_sweep, summary_table(metrics), progress
+    run_dir.write_outputs(
+        metrics, plots.plot_lr_sweep, summary_table(metrics), progress
     )
     return metrics
 

@@ -59,7 +59,6 @@ def run(run_dir, config, data, progress=True):
     """Runs the study (the cells not yet in `run_dir`), writing metrics, a
     figure and a summary into `run_dir`."""
     from experiments import plots
-    from experiments.experiment import write_outputs
 
     start = time.perf_counter()
     results = run_dir.finished_cells()
@@ -81,8 +80,8 @@ def run(run_dir, config, data, progress=True):
     metrics = collect_metrics(config, results)
     metrics["wall_seconds"] = time.perf_counter() - start
     metrics["cells_from_earlier_sessions"] = earlier
-    write_outputs(
-        run_dir, metrics, plots.plot_population_study, summary_table(metrics), progress
+    run_dir.write_outputs(
+        metrics, plots.plot_population_study, summary_table(metrics), progress
     )
     return metrics
 

@@ -403,6 +403,22 @@ class RunDir:
     def write_text(self, name, text):
         write_text(self.file(name), text)
 
+    def write_outputs(self, metrics, plot, summary, progress):
+        """Writes `metrics.json`, then the figures `plot(path, out_dir)` draws
+        from it, then `summary.md`; prints the summary if `progress`."""
+        from experiments.metrics import METRICS_FILE, SUMMARY_FILE
+
+        self.stage("writing outputs")
+        self.write_json(METRICS_FILE, metrics)
+        self.checkpoint("metrics written")
+        plot(self.file(METRICS_FILE), self.path)
+        self.checkpoint("figures written")
+        self.write_text(SUMMARY_FILE, summary)
+        self.checkpoint("summary written")
+        if progress:
+            print(summary)
+            print(f"Outputs in {self.path}")
+
     def atomic(self, name):
         """`atomic_path` for a file of this folder, for writers that take a path."""
         return atomic_path(self.file(name))

@@ -20,7 +20,6 @@ import time
 
 from experiments import cli
 from experiments.config import DEFAULTS, ConfigError
-from experiments.metrics import METRICS_FILE, SUMMARY_FILE
 from experiments.run import Experiment
 
 DEFAULTS = {
@@ -176,17 +175,7 @@ def run(run_dir, config, data, progress=True):
             "machine": platform.machine(),
         },
     }
-    run_dir.stage("writing outputs")
-    run_dir.write_json(METRICS_FILE, metrics)
-    run_dir.checkpoint("metrics written")
-    plot_all(run_dir.file(METRICS_FILE), run_dir.path)
-    run_dir.checkpoint("figures written")
-    summary = summary_table(metrics)
-    run_dir.write_text(SUMMARY_FILE, summary)
-    run_dir.checkpoint("summary written")
-    if progress:
-        print(summary)
-        print(f"Outputs in {run_dir.path}")
+    run_dir.write_outputs(metrics, plot_all, summary_table(metrics), progress)
     return metrics
 
 
