@@ -105,7 +105,6 @@ def train(x, data_format, gamma, beta, epsilon):
     channels = x.shape[-1] if data_format == "NHWC" else x.shape[1]
     gamma, beta = _parameters(gamma, beta, channels)
     image = _as_image(x, data_format)
-    outputs, mean, variance = _kernel(image, data_format, gamma, beta, epsilon)
 
     # The kernel sums raw values, and loses about |mean| / std float32 ulps
     # of the output: for float32 inputs of mean 1e6 and std 1e-2 it is off by
@@ -129,6 +128,7 @@ def train(x, data_format, gamma, beta, epsilon):
         # at run time (a ragged last batch): always shift there.
         outputs, mean, variance = shifted()
     else:
+        outputs, mean, variance = _kernel(image, data_format, gamma, beta, epsilon)
         far = tf.reduce_any(tf.square(mean) > _FAR_OUT**2 * variance)
         outputs, mean, variance = tf.cond(
             far, shifted, lambda: (outputs, mean, variance)
