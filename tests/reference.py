@@ -3,7 +3,9 @@
 Ioffe & Szegedy (2015), https://arxiv.org/abs/1502.03167: Algorithm 1 (the
 training transform), its back-propagation formulas (Section 3) and Algorithm 2
 (inference with population statistics). Ioffe (2017),
-https://arxiv.org/abs/1702.03275: batch renormalization. Where the papers leave
+https://arxiv.org/abs/1702.03275: batch renormalization. Cooijmans et al.
+(2016), https://arxiv.org/abs/1603.09025: recurrent batch normalization
+(per-timestep statistics, the BN-LSTM). Where the papers leave
 a choice (how population statistics are averaged, the renorm floor), Keras'
 choice is written out. Nothing here imports Keras: it is the independent side
 of every comparison.
@@ -268,3 +270,91 @@ def renorm_train_step(
     }
     new["moving_variance"] = np.maximum(new["moving_stddev"] ** 2 - epsilon, 0.0)
     return y, new
+
+
+def sigmoid(x):
+    """The logistic function `1 / (1 + exp(-x))`."""
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def timestep_moments(x, mask=None):
+    """Per-timestep mean, biased variance and count of `(batch, time, ..., features)`.
+
+    Reduced over the batch and the axes between time and the last (feature)
+    axis; masked entries (mask of shape `(batch, time, ...)`) excluded.
+    """
+    x = np.asarray(x, np.float64)
+    axes = (0,) + tuple(range(2, x.ndim - 1))
+    weights = np.ones(x.shape[:-1]) if mask is None else mask.astype(np.float64)
+    weights = weights[..., None]
+    count = weights.sum(axis=axes)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        # `where`, not a product: padding may hold NaN.
+        mean = np.where(weights > 0, x, 0.0).sum(axis=axes) / count
+        deviation = np.where(weights > 0, x - np.expand_dims(mean, axes), 0.0)
+        variance = (deviation**2).sum(axis=axes) / count
+    return mean, variance, count[..., 0]
+
+
+def reference_bn_lstm(
+    x,
+    w,
+    training,
+    mask=None,
+    population=None,
+    max_timesteps=None,
+    epsilon=1e-3,
+):
+    """The BN-LSTM (Cooijmans et al., equations 6 to 8), one timestep at a time.
+
+    `w` holds `kernel`, `recurrent_kernel`, `bias`, `gamma_x`, `gamma_h`,
+    `gamma_c`, `beta_c`. In training the moments are those of each timestep's
+    batch (unmasked sequences only); in inference `population[name] = (mean,
+    variance)` of shape `(T_max, features)`, indexed by `min(t, T_max - 1)`.
+    Returns `(sequence, h, c, moments)`, `moments[name]` the per-timestep
+    batch `(mean, variance)` of `input`, `recurrent` and `cell`.
+    """
+    x = np.asarray(x, np.float64)
+    batch, steps, _ = x.shape
+    units = w["recurrent_kernel"].shape[0]
+    h = np.zeros((batch, units))
+    c = np.zeros((batch, units))
+    sequence = []
+    seen = {"input": [], "recurrent": [], "cell": []}
+
+    def statistics(name, z, t, step_mask):
+        if training:
+            mean, variance, _ = moments(z, -1, step_mask)
+            seen[name].append((mean, variance))
+            return mean, variance
+        slot = min(t, max_timesteps - 1)
+        return population[name][0][slot], population[name][1][slot]
+
+    def bn(z, name, t, step_mask, gamma, beta=None):
+        mean, variance = statistics(name, z, t, step_mask)
+        return normalize(z, mean, variance, gamma, beta, epsilon, -1)
+
+    for t in range(steps):
+        step_mask = None if mask is None else mask[:, t]
+        z_x = x[:, t] @ w["kernel"]
+        z_h = h @ w["recurrent_kernel"]
+        gates = (
+            bn(z_x, "input", t, step_mask, w["gamma_x"])
+            + bn(z_h, "recurrent", t, step_mask, w["gamma_h"])
+            + w["bias"]
+        )
+        i, f, g, o = np.split(gates, 4, axis=-1)
+        new_c = sigmoid(f) * c + sigmoid(i) * np.tanh(g)
+        normalized_c = bn(new_c, "cell", t, step_mask, w["gamma_c"], w["beta_c"])
+        new_h = sigmoid(o) * np.tanh(normalized_c)
+        if step_mask is not None:
+            new_h = np.where(step_mask[:, None], new_h, h)
+            new_c = np.where(step_mask[:, None], new_c, c)
+        h, c = new_h, new_c
+        sequence.append(h)
+    stacked = {
+        name: tuple(np.stack(values) for values in zip(*pairs, strict=True))
+        for name, pairs in seen.items()
+        if pairs
+    }
+    return np.stack(sequence, axis=1), h, c, stacked

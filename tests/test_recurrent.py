@@ -16,6 +16,7 @@ import bn_keras
 from bn_keras import BatchNorm, BatchNormLSTM, TimestepBatchNorm
 from tests import reference
 from tests.conftest import BACKEND
+from tests.reference import reference_bn_lstm
 
 F32 = {"rtol": 2e-5, "atol": 2e-5}
 EPSILON = 1e-3
@@ -25,103 +26,10 @@ def _numpy(value):
     return ops.convert_to_numpy(value).astype(np.float64)
 
 
-def _sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-x))
-
-
-def _batch_moments(z, mask=None):
-    """Mean, biased variance and count over axis 0 of `z`, where `mask` (axis 0)."""
-    weights = np.ones(z.shape[0]) if mask is None else mask.astype(np.float64)
-    weights = weights.reshape((-1,) + (1,) * (z.ndim - 1))
-    count = weights.sum()
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean = (weights * z).sum(0) / count
-        variance = (weights * (z - mean) ** 2).sum(0) / count
-    return mean, variance, count
-
-
-def _bn(z, mean, variance, gamma, beta=None):
-    y = gamma * (z - mean) / np.sqrt(variance + EPSILON)
-    return y if beta is None else y + beta
-
-
-def _reference_timestep_moments(x, mask=None):
-    """Per-timestep mean and biased variance of `(batch, time, ..., features)`.
-
-    Reduced over the batch and the axes between time and the last (feature)
-    axis; masked entries (mask of shape `(batch, time, ...)`) excluded.
-    """
-    x = np.asarray(x, np.float64)
-    axes = (0,) + tuple(range(2, x.ndim - 1))
-    weights = np.ones(x.shape[:-1]) if mask is None else mask.astype(np.float64)
-    weights = weights[..., None]
-    count = weights.sum(axis=axes)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        # `where`, not a product: padding may hold NaN.
-        mean = np.where(weights > 0, x, 0.0).sum(axis=axes) / count
-        deviation = np.where(weights > 0, x - np.expand_dims(mean, axes), 0.0)
-        variance = (deviation**2).sum(axis=axes) / count
-    return mean, variance, count[..., 0]
-
-
 def _ema(moving, batch, momentum, ok):
     """The population statistics after one guarded EMA update, per slot."""
     updated = momentum * moving + (1.0 - momentum) * batch
     return np.where(ok[:, None], updated, moving)
-
-
-def reference_bn_lstm(x, w, training, mask=None, population=None, max_timesteps=None):
-    """The BN-LSTM, one timestep at a time, in float64.
-
-    `w` holds `kernel`, `recurrent_kernel`, `bias`, `gamma_x`, `gamma_h`,
-    `gamma_c`, `beta_c`. In training the moments are those of each timestep's
-    batch (unmasked sequences only); in inference `population[name] = (mean,
-    variance)` of shape `(T_max, features)`, indexed by `min(t, T_max - 1)`.
-    Returns `(sequence, h, c, moments)`, `moments[name]` the per-timestep
-    batch `(mean, variance)` of `input`, `recurrent` and `cell`.
-    """
-    x = np.asarray(x, np.float64)
-    batch, steps, _ = x.shape
-    units = w["recurrent_kernel"].shape[0]
-    h = np.zeros((batch, units))
-    c = np.zeros((batch, units))
-    sequence = []
-    seen = {"input": [], "recurrent": [], "cell": []}
-
-    def statistics(name, z, t, step_mask):
-        if training:
-            mean, variance, _ = _batch_moments(z, step_mask)
-            seen[name].append((mean, variance))
-            return mean, variance
-        slot = min(t, max_timesteps - 1)
-        return population[name][0][slot], population[name][1][slot]
-
-    for t in range(steps):
-        step_mask = None if mask is None else mask[:, t]
-        z_x = x[:, t] @ w["kernel"]
-        z_h = h @ w["recurrent_kernel"]
-        gates = (
-            _bn(z_x, *statistics("input", z_x, t, step_mask), w["gamma_x"])
-            + _bn(z_h, *statistics("recurrent", z_h, t, step_mask), w["gamma_h"])
-            + w["bias"]
-        )
-        i, f, g, o = np.split(gates, 4, axis=-1)
-        new_c = _sigmoid(f) * c + _sigmoid(i) * np.tanh(g)
-        normalized_c = _bn(
-            new_c, *statistics("cell", new_c, t, step_mask), w["gamma_c"], w["beta_c"]
-        )
-        new_h = _sigmoid(o) * np.tanh(normalized_c)
-        if step_mask is not None:
-            new_h = np.where(step_mask[:, None], new_h, h)
-            new_c = np.where(step_mask[:, None], new_c, c)
-        h, c = new_h, new_c
-        sequence.append(h)
-    moments = {
-        name: tuple(np.stack(values) for values in zip(*pairs, strict=True))
-        for name, pairs in seen.items()
-        if pairs
-    }
-    return np.stack(sequence, axis=1), h, c, moments
 
 
 def _randomize_lstm(layer, input_shape, rng):
@@ -228,7 +136,7 @@ def test_timestep_ema_of_each_timestep_over_batches(rng):
         # Each timestep with its own distribution.
         x = rng.normal(np.arange(4)[None, :, None], scale, (8, 4, 3))
         layer(x.astype("float32"), training=True)
-        mean, variance, _ = _reference_timestep_moments(x.astype("float32"))
+        mean, variance, _ = reference.timestep_moments(x.astype("float32"))
         ok = np.ones(4, bool)
         moving_mean = _ema(moving_mean, mean, 0.8, ok)
         moving_variance = _ema(moving_variance, variance, 0.8, ok)
@@ -287,7 +195,7 @@ def test_timestep_beyond_max_timesteps_in_training(rng):
     layer = TimestepBatchNorm(2, momentum=0.0)
     x = rng.normal(np.arange(5)[None, :, None], 1.0, (8, 5, 3)).astype("float32")
     y = _numpy(layer(x, training=True))
-    mean, variance, _ = _reference_timestep_moments(x)
+    mean, variance, _ = reference.timestep_moments(x)
     expected = (x - mean) / np.sqrt(variance + EPSILON)
     np.testing.assert_allclose(y, expected, **F32)
     np.testing.assert_allclose(_numpy(layer.moving_mean), mean[:2], **F32)
@@ -305,7 +213,7 @@ def test_timestep_masked_steps_do_not_enter_statistics(rng):
     # Padding holds garbage, NaN included: it must not leak anywhere.
     x[~mask] = np.nan
     y = _numpy(layer(x, training=True, mask=mask))
-    mean, variance, count = _reference_timestep_moments(x, mask)
+    mean, variance, count = reference.timestep_moments(x, mask)
     expected = (x - mean) / np.sqrt(variance + EPSILON)
     np.testing.assert_allclose(y[mask], expected[mask], **F32)
     # Timesteps 0-3 reached by two sequences or more; timestep 4 by none.
@@ -352,7 +260,7 @@ def test_timestep_non_finite_batch_leaves_statistics(rng):
     for t, f in [(1, 0), (2, 1)]:
         assert after_mean[t, f] == before_mean[t, f]
         assert after_variance[t, f] == before_variance[t, f]
-    mean, variance, _ = _reference_timestep_moments(bad)
+    mean, variance, _ = reference.timestep_moments(bad)
     np.testing.assert_allclose(
         after_mean[0], 0.5 * before_mean[0] + 0.5 * mean[0], **F32
     )
@@ -368,7 +276,7 @@ def test_timestep_unbiased_variance_and_debias(rng):
     layer = TimestepBatchNorm(2, momentum=0.9, debias=True, unbiased_variance=True)
     x = rng.normal(size=(5, 2, 3)).astype("float32")
     layer(x, training=True)
-    _, variance, _ = _reference_timestep_moments(x)
+    _, variance, _ = reference.timestep_moments(x)
     # Debiased after one batch: exactly that batch's (unbiased) statistics.
     np.testing.assert_allclose(_numpy(layer.moving_variance), variance * 5 / 4, **F32)
 
@@ -404,7 +312,7 @@ def test_timestep_unknown_time_dimension_in_a_model(rng):
     x = rng.normal(np.arange(6)[None, :, None], 1.0, (8, 6, 3)).astype("float32")
     model.compile(loss="mse")
     model.fit(x, x, batch_size=8, epochs=1, verbose=0)
-    mean, _, _ = _reference_timestep_moments(x)
+    mean, _, _ = reference.timestep_moments(x)
     np.testing.assert_allclose(_numpy(norm.moving_mean), mean[:4], **F32)
 
 
@@ -419,7 +327,7 @@ def test_timestep_tf_function_with_dynamic_shapes(rng):
     infer = tf.function(lambda x: layer(x), input_signature=signature)
     short = rng.normal(size=(4, 2, 2)).astype("float32")
     train(short)
-    mean, variance, _ = _reference_timestep_moments(short)
+    mean, variance, _ = reference.timestep_moments(short)
     np.testing.assert_allclose(_numpy(layer.moving_mean)[:2], mean, **F32)
     np.testing.assert_array_equal(_numpy(layer.moving_mean)[2], 0.0)
     long = rng.normal(size=(3, 5, 2)).astype("float32")
