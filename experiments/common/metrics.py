@@ -1,0 +1,62 @@
+"""The names in the experiments' metrics files, defined once.
+
+Every module that writes, plots or summarizes a metrics file imports its keys
+from here instead of spelling them out again. JSON has no NaN or Infinity:
+a value that is not a finite number is written as `null` (see
+`finite_or_none`), and the README says what each `null` means.
+"""
+
+import math
+
+import numpy as np
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.json"
+SUMMARY_FILE = "summary.md"
+
+# A network without batch normalization (every experiment's baseline), and
+# Figure 1's network with it.
+PLAIN = "plain"
+BN = "bn"
+
+# The two ways of running the BN network on test data: population statistics
+# (inference) and the batch statistics of the examples given together.
+POPULATION = "population"
+BATCH_STATS = "batch_stats"
+
+# Figure 1's accuracy curves: the plain network, and the BN network at
+# inference (population statistics) and with the test set's batch statistics.
+BN_POPULATION = "bn_population"
+BN_BATCH_STATS = "bn_batch_stats"
+ACCURACY_CURVES = (PLAIN, BN_POPULATION, BN_BATCH_STATS)
+
+# One recorded neuron's sigmoid input over the test set is summarized by these
+# statistics, in this order (the last axis of `activations.{plain, bn}`).
+PERCENTILES = (15, 50, 85)
+STATISTICS = (*(f"p{p}" for p in PERCENTILES), "mean")
+P15, P50, P85, MEAN = range(len(STATISTICS))
+
+# Where a BN network's population statistics come from: the exponential
+# moving average kept in training (Keras'), the same zero-debiased, the
+# cumulative average of all batches, and precise BN (recomputed after training
+# with the weights frozen). `BATCH_STATS` above is the reference that needs
+# no estimate.
+EMA = "ema"
+DEBIASED_EMA = "debiased_ema"
+CUMULATIVE = "cumulative"
+PRECISE = "precise"
+ESTIMATORS = (EMA, DEBIASED_EMA, CUMULATIVE, PRECISE)
+
+
+def finite_or_none(value):
+    """A float, or None (JSON null) where `value` is NaN or infinite."""
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def finite_lists(array):
+    """A NumPy array as nested lists of floats, None where not finite."""
+    array = np.asarray(array, dtype=np.float64)
+    if array.ndim == 0:
+        return finite_or_none(array)
+    return [finite_lists(row) for row in array]

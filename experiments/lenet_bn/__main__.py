@@ -1,0 +1,5 @@
+import sys
+
+from experiments.lenet_bn.main import main
+
+sys.exit(main())

@@ -1,0 +1,5 @@
+import sys
+
+from experiments.lr_sweep.main import main
+
+sys.exit(main())

@@ -1,0 +1,290 @@
+"""The LeNet-BN experiment (d2l 7.5): its BN maths, folding, data and command line."""
+
+import gzip
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+import bn_keras
+from experiments.common import data as data_lib
+from experiments import lenet_bn
+from experiments.lenet_bn import models as lm
+from experiments.lenet_bn import train as lt
+from experiments.common.config import CONFIG_DIR
+from experiments.common.metrics import BATCH_STATS, DEBIASED_EMA, EMA, PRECISE
+
+SMOKE = CONFIG_DIR / "lenet_bn_smoke.toml"
+
+
+def _reject(name):
+    raise ValueError(f"{name} in strict JSON")
+
+
+def strict_json(path):
+    return json.loads(Path(path).read_text(), parse_constant=_reject)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("lenet") / "run"
+    assert lenet_bn.main(["--config", str(SMOKE), "--out", str(out), "--quiet"]) == 0
+    return out, strict_json(out / "metrics.json")
+
+
+def test_end_to_end(smoke_run):
+    out, metrics = smoke_run
+    names = ["config.json", "summary.md", "curves.png", "statistics.png"]
+    names += [f"{v}.keras" for v in lm.VERSIONS]
+    names += ["bn_keras_folded.keras", "keras_folded.keras"]
+    for name in names:
+        assert (out / name).is_file(), name
+    assert strict_json(out / "run.json")["state"] == "complete"
+    assert metrics["epochs"] == [1, 2]
+    for version in lm.VERSIONS:
+        curves = metrics["versions"][version]
+        assert len(curves["test_accuracy"]) == 2
+        assert all(0.0 <= a <= 1.0 for a in curves["train_accuracy"])
+        assert all(s > 0 for s in curves["examples_per_second"])
+    assert set(metrics["statistics"]) == {EMA, DEBIASED_EMA, PRECISE, BATCH_STATS}
+    # The EMA column is the bn_keras network's own test accuracy.
+    assert (
+        metrics["statistics"][EMA] == metrics["versions"]["bn_keras"]["test_accuracy"]
+    )
+    assert set(metrics["first_bn"]) == {lm.SCRATCH, lm.BN_KERAS, lm.KERAS}
+    for params in metrics["first_bn"].values():
+        assert len(params["gamma"]) == len(params["beta"]) == 6
+    summary = (out / "summary.md").read_text()
+    assert "| bn_keras.BatchNorm | 4 -> 0 |" in summary
+    assert "| plain LeNet (no BN) |" in summary
+
+
+def test_versions_train_alike(smoke_run):
+    # Same initial weights, same batches, the same maths in three layers.
+    _, metrics = smoke_run
+    losses = [metrics["versions"][v]["train_loss"] for v in lm.VERSIONS[:3]]
+    np.testing.assert_allclose(losses[0], losses[1], rtol=1e-3)
+    np.testing.assert_allclose(losses[1], losses[2], rtol=1e-3)
+    gammas = [metrics["first_bn"][v]["gamma"] for v in lm.VERSIONS[:3]]
+    np.testing.assert_allclose(gammas[0], gammas[2], atol=1e-4)
+
+
+def test_folded_equals_unfolded(smoke_run):
+    out, metrics = smoke_run
+    for version in (lm.BN_KERAS, lm.KERAS):
+        fold = metrics["fold"][version]
+        assert fold["predictions_identical"], version
+        assert fold["test_accuracy"] == fold["folded_test_accuracy"]
+        assert fold["bn_layers"] == 4 and fold["bn_layers_after_folding"] == 0
+    config = metrics["config"]
+    data = data_lib.select(
+        data_lib.load_mnist(config["data_source"]), 0, config["test_examples"]
+    )
+    x = lt.images(data.x_test)
+    model = keras.saving.load_model(out / "bn_keras.keras")
+    folded = keras.saving.load_model(out / "bn_keras_folded.keras")
+    assert not bn_keras.batch_norm_layers(folded)
+    np.testing.assert_allclose(
+        folded.predict_on_batch(x), model.predict_on_batch(x), atol=1e-4
+    )
+    accuracy = lt.accuracy(model, x, data.y_test)
+    assert accuracy == metrics["versions"]["bn_keras"]["test_accuracy"][-1]
+
+
+def _reference(x, gamma, beta, mean, var, eps, momentum, training):
+    """d2l's batch_norm in NumPy float64."""
+    x = x.astype(np.float64)
+    if training:
+        axes = tuple(range(x.ndim - 1))
+        batch_mean, batch_var = x.mean(axis=axes), x.var(axis=axes)
+        y = gamma * (x - batch_mean) / np.sqrt(batch_var + eps) + beta
+        mean = (1 - momentum) * mean + momentum * batch_mean
+        var = (1 - momentum) * var + momentum * batch_var
+        return y, mean, var
+    return gamma * (x - mean) / np.sqrt(var + eps) + beta, mean, var
+
+
+@pytest.mark.parametrize("shape", [(16, 5), (8, 6, 6, 3)], ids=["dense", "conv"])
+@pytest.mark.parametrize("training", [True, False], ids=["training", "inference"])
+def test_scratch_batch_norm_matches_numpy(rng, shape, training):
+    channels = shape[-1]
+    x = rng.normal(2.0, 3.0, shape).astype(np.float32)
+    gamma, beta = rng.uniform(0.5, 2, channels), rng.normal(0, 1, channels)
+    mean, var = rng.normal(0, 1, channels), rng.uniform(0.5, 2, channels)
+    params = [p.astype(np.float32) for p in (gamma, beta, mean, var)]
+    outputs = lm.batch_norm(x, *params, 1e-5, 0.1, training)
+    expected = _reference(x, gamma, beta, mean, var, 1e-5, 0.1, training)
+    for got, want in zip(outputs, expected, strict=True):
+        np.testing.assert_allclose(keras.ops.convert_to_numpy(got), want, atol=1e-4)
+
+    layer = lm.ScratchBatchNorm(momentum=0.1, epsilon=1e-5)
+    layer.build(shape)
+    for variable, value in zip(
+        (layer.gamma, layer.beta, layer.moving_mean, layer.moving_variance),
+        params,
+        strict=True,
+    ):
+        variable.assign(value)
+    y = keras.ops.convert_to_numpy(layer(x, training=training))
+    np.testing.assert_allclose(y, expected[0], atol=1e-4)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(layer.moving_mean), expected[1], atol=1e-5
+    )
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(layer.moving_variance), expected[2], atol=1e-5
+    )
+
+
+def test_scratch_layer_is_keras_momentum_point_nine(rng):
+    # d2l's momentum 0.1 is Keras' 0.9: same outputs and statistics.
+    x = rng.normal(1.0, 2.0, (32, 4, 4, 3)).astype(np.float32)
+    scratch = lm.batch_norm_factory(lm.SCRATCH, 0.9, 1e-5)("bn")
+    reference = lm.batch_norm_factory(lm.KERAS, 0.9, 1e-5)("bn")
+    for layer in (scratch, reference):
+        for _ in range(3):
+            layer(x, training=True)
+    for training in (True, False):
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(scratch(x, training=training)),
+            keras.ops.convert_to_numpy(reference(x, training=training)),
+            atol=1e-4,
+        )
+    for name in ("moving_mean", "moving_variance"):
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(getattr(scratch, name)),
+            keras.ops.convert_to_numpy(getattr(reference, name)),
+            atol=1e-5,
+        )
+    restored = lm.ScratchBatchNorm.from_config(scratch.get_config())
+    assert restored.momentum == pytest.approx(0.1) and restored.epsilon == 1e-5
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"momentum": 1.5}, {"epsilon": 0.0}], ids=["momentum", "epsilon"]
+)
+def test_scratch_layer_rejects_bad_arguments(kwargs):
+    with pytest.raises(ValueError, match="Received"):
+        lm.ScratchBatchNorm(**kwargs)
+
+
+def test_debias_is_what_batch_norm_debias_holds(rng):
+    # The debiased statistics the run evaluates are those of the same
+    # network trained with bn_keras.BatchNorm(debias=True).
+    x = rng.uniform(0, 1, (64, 28, 28, 1)).astype(np.float32)
+    y = rng.integers(0, 10, 64)
+    models = []
+    for options in ({}, {"debias": True}):
+        factory = lm.batch_norm_factory(lm.BN_KERAS, 0.9, 1e-5, **options)
+        model = lm.build_lenet(factory)
+        if models:
+            lm.copy_initial_weights(models[0], model)
+        models.append(model)
+    for model in models:
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.1),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        model.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0)
+    plain, debiased = models
+    lt.debias(plain, updates=4, momentum=0.9)
+    for ours, theirs in zip(
+        bn_keras.batch_norm_layers(plain),
+        bn_keras.batch_norm_layers(debiased),
+        strict=True,
+    ):
+        for name in ("moving_mean", "moving_variance"):
+            np.testing.assert_allclose(
+                keras.ops.convert_to_numpy(getattr(ours, name)),
+                keras.ops.convert_to_numpy(getattr(theirs, name)),
+                rtol=1e-4,
+                atol=1e-5,
+            )
+
+
+def _idx(array, magic):
+    dims = array.shape
+    header = b"".join(int(d).to_bytes(4, "big") for d in (magic, *dims))
+    return header + array.astype(np.uint8).tobytes()
+
+
+@pytest.fixture
+def fashion_folder(tmp_path, monkeypatch):
+    """Small Fashion-MNIST-like IDX files (gzipped), counts patched in."""
+    rng = np.random.default_rng(1)
+    counts = {"train": 96, "t10k": 40}
+    folder = tmp_path / "fashion"
+    folder.mkdir()
+    for split, count in counts.items():
+        images = rng.integers(0, 256, (count, 28, 28))
+        labels = rng.integers(0, 10, count)
+        for kind, array, magic in (
+            ("images-idx3", images, 2051),
+            ("labels-idx1", labels, 2049),
+        ):
+            name = f"{split}-{kind}-ubyte"
+            (folder / f"{name}.gz").write_bytes(gzip.compress(_idx(array, magic)))
+            # Counts as a full copy would hold; no MNIST checksum can match.
+            monkeypatch.setitem(data_lib._EXPECTED, name, (count, "0" * 32))
+    return folder
+
+
+TINY = [
+    "--set", "epochs=1", "--set", "batch_size=32", "--set", "train_examples=0",
+    "--set", "precise_bn_batches=1", "--set", "speed_rounds=1", "--quiet",
+]  # fmt: skip
+
+
+def test_fashion_mnist_idx_folder(fashion_folder, tmp_path):
+    out = tmp_path / "run"
+    argv = ["--data-dir", str(fashion_folder), "--set", "dataset=fashion_mnist"]
+    assert lenet_bn.main([*argv, *TINY, "--out", str(out)]) == 0
+    config = strict_json(out / "config.json")
+    assert config["dataset"] == "fashion_mnist"
+    assert config["data_source"] == "dir"
+    metrics = strict_json(out / "metrics.json")
+    assert metrics["fold"]["bn_keras"]["predictions_identical"]
+    loaded = data_lib.load_mnist("dir", fashion_folder, dataset="fashion_mnist")
+    assert loaded.x_train.shape == (96, 784) and loaded.y_test.shape == (40,)
+
+
+def test_fashion_mnist_folder_still_checks_headers(fashion_folder):
+    path = fashion_folder / "t10k-labels-idx1-ubyte.gz"
+    path.write_bytes(gzip.compress(_idx(np.zeros(40), 2051)[:8] + bytes(40)))
+    with pytest.raises(data_lib.DataError, match="wrong magic number 2051"):
+        data_lib.load_mnist("dir", fashion_folder, dataset="fashion_mnist")
+
+
+def _error(capsys, argv):
+    assert lenet_bn.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    return err
+
+
+def test_mnist_checksum_names_the_way_out(fashion_folder, tmp_path, capsys):
+    err = _error(
+        capsys, ["--data-dir", str(fashion_folder), "--out", str(tmp_path / "r")]
+    )
+    assert "MD5" in err and "Fashion-MNIST" in err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("epochs=0", "'epochs' must be positive"),
+        ("bn_momentum=1.0", "momentum < 1"),
+        ("dataset=cifar", "must be one of ('mnist', 'fashion_mnist')"),
+        ("hidden_units=[10]", "unknown config key 'hidden_units'"),
+        ("learning_rate=fast", "must be of type float"),
+        ("dataset=fashion_mnist", "is not vendored"),
+    ],
+)
+def test_cli_errors(capsys, tmp_path, monkeypatch, override, message):
+    monkeypatch.delenv(data_lib.ENV_VAR, raising=False)
+    out = tmp_path / "run"
+    err = _error(capsys, ["--set", override, "--out", str(out), "--quiet"])
+    assert message in err
+    assert not out.exists()

@@ -1,0 +1,210 @@
+"""The sequential-MNIST experiment end to end on its smoke config."""
+
+import json
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+import bn_keras
+from experiments.sequential_mnist import models as rm
+from experiments import sequential_mnist
+from experiments.common.config import CONFIG_DIR, load_config
+from experiments.common.data import load_mnist, select
+from tests.test_recurrent import reference_bn_lstm
+
+SMOKE = CONFIG_DIR / "sequential_mnist_smoke.toml"
+
+
+def _reject(name):
+    raise ValueError(f"{name} in strict JSON")
+
+
+def strict_json(path):
+    return json.loads(Path(path).read_text(), parse_constant=_reject)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sequential") / "run"
+    argv = ["--config", str(SMOKE), "--out", str(out), "--quiet"]
+    assert sequential_mnist.main(argv) == 0
+    return out, strict_json(out / "metrics.json")
+
+
+def _smoke_sequences(config):
+    data = select(
+        load_mnist(config["data_source"], config["data_dir"] or None),
+        config["train_examples"],
+        config["test_examples"],
+    )
+    return rm.sequences(
+        data, config["task"], config["validation_examples"], config["seed"]
+    )
+
+
+def _norms(model):
+    layer = model.get_layer("bn_lstm")
+    return {
+        "input": layer.input_norm,
+        "recurrent": layer.recurrent_norm,
+        "cell": layer.cell_norm,
+    }
+
+
+def _statistics(norm):
+    return (
+        keras.ops.convert_to_numpy(norm.moving_mean).astype(np.float64),
+        keras.ops.convert_to_numpy(norm.moving_variance).astype(np.float64),
+    )
+
+
+def test_end_to_end(smoke_run):
+    out, metrics = smoke_run
+    for name in (
+        "config.json",
+        "metrics.json",
+        "summary.md",
+        "accuracy.png",
+        "population_statistics.png",
+        "lstm.keras",
+        "bn_lstm.keras",
+        "bn_lstm_precise.keras",
+    ):
+        assert (out / name).is_file(), name
+    assert strict_json(out / "run.json")["state"] == "complete"
+    assert metrics["steps"] == [0, 10, 20]
+    for name in rm.NETWORKS:
+        for split in rm.SPLITS:
+            curve = metrics["accuracy"][name][split]
+            assert len(curve) == 3 and all(0.0 <= a <= 1.0 for a in curve)
+    check = metrics["inference_check"]
+    assert check["examples"] == 100
+    assert 0.0 <= check[rm.BATCH_STATS] <= 1.0
+    for estimate in rm.ESTIMATES:
+        assert set(rm.CHECKS) <= set(check[estimate]), estimate
+        # One sequence at a time is batched inference, example by example,
+        # with the moving averages and with the recomputed statistics alike.
+        assert check[estimate]["one_at_a_time_agreement"] == 1.0, estimate
+        assert check[estimate]["one_at_a_time_max_abs_difference"] < 1e-5, estimate
+        assert check[estimate][rm.ONE_AT_A_TIME] == check[estimate][rm.PER_TIMESTEP]
+    final = metrics["final_accuracy"]
+    assert set(final) == {*rm.NETWORKS, rm.BN_LSTM_PRECISE}
+    assert final[rm.BN_LSTM][rm.TEST] == check[rm.EMA][rm.PER_TIMESTEP]
+    assert final[rm.BN_LSTM_PRECISE][rm.TEST] == check[rm.PRECISE][rm.PER_TIMESTEP]
+    assert metrics["precise_bn"]["sequences"] == 100
+    statistics = metrics["population_statistics"]
+    for estimate in rm.ESTIMATES:
+        for norm in rm.PLOTTED_NORMS:
+            assert np.shape(statistics[estimate][norm]["mean"]) == (28, 2)
+    summary = (out / "summary.md").read_text()
+    assert "| BN-LSTM, moving averages |" in summary
+    assert "| BN-LSTM, recomputed from 100 sequences |" in summary
+    # Every row of the inference check, each estimate in three ways.
+    assert summary.count("| moving averages (momentum 0.99), ") == 3
+    assert summary.count("| recomputed after training (100 training sequences), ") == 3
+    assert "| each test batch's own statistics (batch 20) |" in summary
+
+
+def test_saved_models_reproduce_the_check(smoke_run):
+    out, metrics = smoke_run
+    sequences = _smoke_sequences(metrics["config"])
+    check = metrics["inference_check"]
+    for name, estimate in ((rm.BN_LSTM, rm.EMA), (rm.BN_LSTM_PRECISE, rm.PRECISE)):
+        model = keras.saving.load_model(out / f"{name}.keras")
+        assert isinstance(model.get_layer("bn_lstm"), bn_keras.BatchNormLSTM)
+        accuracy = rm.accuracy(model, sequences.x_test, sequences.y_test)
+        assert accuracy == check[estimate][rm.PER_TIMESTEP], name
+
+
+def test_recomputed_statistics_match_a_numpy_reference(smoke_run):
+    # Precise BN gives each timestep the moments of its pre-activations over
+    # the drawn training sequences, batch by batch in training mode with the
+    # trained weights: the mean of the batch means and the pooled variance.
+    out, metrics = smoke_run
+    config = metrics["config"]
+    batches, batch_size = config["precise_bn_batches"], config["batch_size"]
+    ema = keras.saving.load_model(out / "bn_lstm.keras")
+    precise = keras.saving.load_model(out / "bn_lstm_precise.keras")
+    for trained, copied in zip(ema.weights, precise.weights, strict=True):
+        if trained.trainable:
+            np.testing.assert_array_equal(
+                keras.ops.convert_to_numpy(copied), keras.ops.convert_to_numpy(trained)
+            )
+    layer = ema.get_layer("bn_lstm")
+    w = {
+        name: keras.ops.convert_to_numpy(variable).astype(np.float64)
+        for name, variable in (
+            ("kernel", layer.kernel),
+            ("recurrent_kernel", layer.recurrent_kernel),
+            ("bias", layer.bias),
+            ("gamma_x", layer.input_norm.gamma),
+            ("gamma_h", layer.recurrent_norm.gamma),
+            ("gamma_c", layer.cell_norm.gamma),
+            ("beta_c", layer.cell_norm.beta),
+        )
+    }
+    x_train = _smoke_sequences(config).x_train
+    sample = rm.precise_sample(x_train, batches * batch_size, config["seed"])
+    assert sample.shape == (batches * batch_size, 28, 28)
+    assert len(np.unique(sample.reshape(len(sample), -1), axis=0)) == len(sample)
+    per_batch = [
+        reference_bn_lstm(batch, w, training=True)[3]
+        for batch in np.split(sample, batches)
+    ]
+    for name, norm in _norms(precise).items():
+        means = np.stack([moments[name][0] for moments in per_batch])
+        variances = np.stack([moments[name][1] for moments in per_batch])
+        mean, variance = _statistics(norm)
+        np.testing.assert_allclose(mean, means.mean(0), rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(
+            variance, variances.mean(0) + means.var(0), rtol=1e-4, atol=1e-6
+        )
+        # The moving averages lag: the recompute changed them.
+        moving_mean, _ = _statistics(_norms(ema)[name])
+        assert np.abs(moving_mean - mean).max() > 1e-3, name
+
+
+def test_sequences_of_each_task():
+    data = type(
+        "Data", (), {"x_train": np.arange(3 * 784).reshape(3, 784) % 255 / 255.0}
+    )
+    data.y_train = np.arange(3)
+    data.x_test, data.y_test = data.x_train[:1], data.y_train[:1]
+    rows = rm.sequences(data, rm.ROWS, 1, 0)
+    assert rows.x_train.shape == (2, 28, 28) and rows.x_validation.shape == (1, 28, 28)
+    np.testing.assert_array_equal(rows.x_train[0, 1], data.x_train[0, 28:56])
+    pixels = rm.sequences(data, rm.PIXELS, 1, 0)
+    assert pixels.x_test.shape == (1, 784, 1)
+    permuted = rm.sequences(data, rm.PERMUTED_PIXELS, 1, 0)
+    # One fixed permutation, the same for every image and split.
+    order = np.random.default_rng([0, 784]).permutation(784)
+    np.testing.assert_array_equal(permuted.x_train[1, :, 0], data.x_train[1, order])
+    np.testing.assert_array_equal(permuted.x_test[0, :, 0], data.x_test[0, order])
+    assert not np.array_equal(order, np.arange(784))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("task=columns", "task"),
+        ("hidden_units=[8, 8]", "hidden_units"),
+        ("validation_examples=499", "validation_examples"),
+        ("precise_bn_batches=0", "precise_bn_batches"),
+        # 21 batches of 20 are more than the 400 training sequences.
+        ("precise_bn_batches=21", "precise_bn_batches"),
+    ],
+)
+def test_config_errors_are_one_line(override, message, tmp_path, capsys):
+    argv = ["--config", str(SMOKE), "--set", override, "--out", str(tmp_path / "r")]
+    assert sequential_mnist.main(argv + ["--quiet"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error:") and message in error and "\n" not in error
+
+
+def test_shipped_configs_load():
+    for name in ("smoke", "pixels", "permuted"):
+        path = CONFIG_DIR / f"sequential_mnist_{name}.toml"
+        config = load_config(path, defaults=sequential_mnist.DEFAULTS)
+        sequential_mnist.check_config(config, 60000)
