@@ -7,7 +7,7 @@ import argparse
 import statistics
 import time
 
-from experiments.data import SOURCES, load_mnist
+from experiments.common.data import SOURCES, load_mnist
 
 
 def _median_seconds(repeats, **kwargs):

@@ -11,7 +11,7 @@ Variants of the same run (the first three give the same metrics):
   networks, in one XLA-compiled call, each evaluation overlapping the next
   chunk of training;
 - five seeds: the default run with `--seeds 0,1,2,3,4`, every seed's two
-  networks trained and tested together (`configs/five_seeds.toml`).
+  networks trained and tested together (`--config five_seeds`).
 
 Each run is a fresh `python -m experiments.mnist_mlp` process (start-up,
 data, training, evaluation, the single-example check, saving, plots), so the
