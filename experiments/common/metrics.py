@@ -3,10 +3,12 @@
 Every module that writes, plots or summarizes a metrics file imports its keys
 from here instead of spelling them out again. JSON has no NaN or Infinity:
 a value that is not a finite number is written as `null` (see
-`finite_or_none`), and the README says what each `null` means.
+`finite_or_none`); docs/experiments/ says what each `null` means.
 """
 
 import math
+import platform
+import sys
 
 import numpy as np
 
@@ -60,3 +62,20 @@ def finite_lists(array):
     if array.ndim == 0:
         return finite_or_none(array)
     return [finite_lists(row) for row in array]
+
+
+def environment():
+    """The software and machine a run used, as its metrics file records them."""
+    import keras
+
+    recorded = {
+        "python": platform.python_version(),
+        "keras": keras.__version__,
+        "backend": keras.backend.backend(),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+    }
+    tensorflow = sys.modules.get("tensorflow")
+    if tensorflow is not None:
+        recorded["tensorflow"] = tensorflow.__version__
+    return recorded

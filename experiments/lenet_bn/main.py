@@ -16,18 +16,15 @@ batch's own statistics; the first BN layer's learned gamma and beta; and the
 folded BN networks' test accuracy, agreement and inference speed.
 """
 
-import platform
 import time
 
 from experiments.common import cli
-from experiments.common.metrics import finite_or_none
+from experiments.common.metrics import environment, finite_or_none
 from experiments.lenet_bn.config import SCHEMA
 
 
 def run(run_dir, config, data, progress=True):
     """Trains the versions, runs the studies, writes every output into `run_dir`."""
-    import keras
-
     from experiments.lenet_bn import models as lm
     from experiments.lenet_bn import train as lt
     from experiments.lenet_bn.plots import plot_all
@@ -77,12 +74,7 @@ def run(run_dir, config, data, progress=True):
         },
         "fold": fold,
         "wall_seconds": time.perf_counter() - start,
-        "environment": {
-            "python": platform.python_version(),
-            "keras": keras.__version__,
-            "backend": keras.backend.backend(),
-            "machine": platform.machine(),
-        },
+        "environment": environment(),
     }
     run_dir.write_outputs(metrics, plot_all, summary_table(metrics), progress)
     return metrics

@@ -5,12 +5,10 @@ this module trains, evaluates and writes the models, the metrics file, the
 figures and a summary table into the folder.
 """
 
-import platform
 import time
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from experiments.common.metrics import (
     ACCURACY_CURVES,
@@ -21,6 +19,7 @@ from experiments.common.metrics import (
     PLAIN,
     POPULATION,
     STATISTICS,
+    environment,
     finite_lists,
     finite_or_none,
 )
@@ -180,13 +179,7 @@ def collect_metrics(config, records, singles):
         },
         "single_example": _mean_single(singles),
         "by_seed": by_seed,
-        "environment": {
-            "python": platform.python_version(),
-            "tensorflow": tf.__version__,
-            "keras": keras.__version__,
-            "machine": platform.machine(),
-            "processor": platform.processor(),
-        },
+        "environment": environment(),
     }
 
 

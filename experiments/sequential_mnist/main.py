@@ -14,16 +14,15 @@ time, and with each test batch's own statistics; it plots both estimates
 against the timestep.
 """
 
-import platform
 import time
 
 from experiments.common import cli
+from experiments.common.metrics import environment
 from experiments.sequential_mnist.config import SCHEMA, check_data
 
 
 def run(run_dir, config, data, progress=True):
     """Trains both networks, runs the inference check, writes every output."""
-    import keras
 
     from experiments.sequential_mnist import models as rm
     from experiments.sequential_mnist.plots import plot_all
@@ -92,12 +91,7 @@ def run(run_dir, config, data, progress=True):
             by_estimate, config["neurons"]
         ),
         "wall_seconds": time.perf_counter() - start,
-        "environment": {
-            "python": platform.python_version(),
-            "keras": keras.__version__,
-            "backend": keras.backend.backend(),
-            "machine": platform.machine(),
-        },
+        "environment": environment(),
     }
     run_dir.write_outputs(metrics, plot_all, summary_table(metrics), progress)
     return metrics
