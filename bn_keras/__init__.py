@@ -6,8 +6,9 @@ before loading a `.keras` file that holds the layer.
 
 from bn_keras.batch_norm import BatchNorm
 from bn_keras.fold import fold_batch_norms
+from bn_keras.lstm import BatchNormLSTM
 from bn_keras.precise import batch_norm_layers, recompute_statistics
-from bn_keras.recurrent import BatchNormLSTM, TimestepBatchNorm
+from bn_keras.timestep import TimestepBatchNorm
 
 __all__ = [
     "BatchNorm",

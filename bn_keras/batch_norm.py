@@ -184,11 +184,13 @@ class BatchNorm(keras.layers.Layer):
             virtual_batch_size
         )
         self.fused = validation.validate_fused(fused)
-        if self.fused:
-            why = fused_kernel.unavailable(self.epsilon)
-            why = why or fused_kernel.training_unsupported(self)
-            if why:
-                raise ValueError(_no_fused_kernel(why))
+        fused_kernel.check_request(
+            self.fused,
+            self.epsilon,
+            self.renorm,
+            self.virtual_batch_size,
+            self.synchronized,
+        )
         self.supports_masking = True
 
         self.gamma = None
@@ -196,6 +198,7 @@ class BatchNorm(keras.layers.Layer):
         self.moving_mean = None
         self.moving_variance = None
         self.num_batches = None
+        self._renorm = None
 
     @property
     def input_dtype(self):
@@ -233,14 +236,15 @@ class BatchNorm(keras.layers.Layer):
             input_shape[i] if i in axes else 1 for i in range(rank)
         )
         self._statistics_shape = self._statistics_shape_for(self._param_shape)
-        self._fused_layout = self._choose_fused_layout(axes, statistics_axes, rank)
-        # Training on request, or on images and volumes: for smaller inputs
-        # the kernel's fixed cost outweighs its gain (dense (60, 100): 1.05x
-        # to 1.13x Keras' step, unfused 0.99x).
-        self._fused_training = (
-            self._fused_layout is not None
-            and fused_kernel.training_unsupported(self) is None
-            and (self.fused or rank in (4, 5))
+        self._fused = fused_kernel.plan(
+            self.fused,
+            axes,
+            statistics_axes,
+            rank,
+            self.epsilon,
+            self.renorm,
+            self.virtual_batch_size,
+            self.synchronized,
         )
 
         if self.scale:
@@ -264,21 +268,17 @@ class BatchNorm(keras.layers.Layer):
             "moving_variance", self.moving_variance_initializer
         )
         if self.renorm:
-            # Keras tracks the population standard deviation under renorm
-            # (the paper's formulation); moving_variance is derived from it.
-            def stddev_initializer(shape, dtype=None):
-                initializer = _clone_initializer(self.moving_variance_initializer)
-                return ops.sqrt(initializer(shape, dtype=dtype))
-
-            self.moving_stddev = self._add_statistic(
-                "moving_stddev", stddev_initializer
+            self._renorm = renorm.Renorm(
+                self._add_statistic,
+                self.moving_mean_initializer,
+                self.moving_variance_initializer,
+                self.epsilon,
+                self.renorm_momentum,
+                self.renorm_clipping,
             )
-            self.renorm_mean = self._add_statistic(
-                "renorm_mean", _clone_initializer(self.moving_mean_initializer)
-            )
-            self.renorm_stddev = self._add_statistic(
-                "renorm_stddev", stddev_initializer
-            )
+            self.moving_stddev = self._renorm.moving_stddev
+            self.renorm_mean = self._renorm.renorm_mean
+            self.renorm_stddev = self._renorm.renorm_stddev
         if self._counts_batches:
             self.num_batches = self.add_weight(
                 shape=self._counter_shape(),
@@ -292,26 +292,6 @@ class BatchNorm(keras.layers.Layer):
         self.input_spec = keras.layers.InputSpec(
             ndim=rank, axes={a: input_shape[a] for a in axes}
         )
-
-    def _choose_fused_layout(self, axes, statistics_axes, rank):
-        """The fused kernel's data format for these inputs, or None (not fused)."""
-        if self.fused is False:
-            return None
-        data_format, why = fused_kernel.layout(axes, rank)
-        if statistics_axes != axes:
-            why = "the population statistics vary along more axes than gamma/beta"
-        elif why is None:
-            why = fused_kernel.unavailable(self.epsilon)
-        if why is None and (data_format == "NHWC" or self.fused):
-            # Channels-first on request only: the CPU kernel transposes to
-            # channels-last and back (1.7x Keras' training step, 7x its
-            # inference, measured in benchmarks/bench_layer.py).
-            return data_format
-        if why is None:
-            return None
-        if self.fused:
-            raise ValueError(_no_fused_kernel(why))
-        return None
 
     def _add_parameter(self, name, initializer, regularizer, constraint):
         return self.add_weight(
@@ -341,7 +321,7 @@ class BatchNorm(keras.layers.Layer):
 
     # Subclass hooks. `BatchNorm` keeps one population statistic per feature
     # and shares gamma/beta with it; a subclass may keep its statistics along
-    # more axes than its parameters (`bn_keras.recurrent.TimestepBatchNorm`:
+    # more axes than its parameters (`bn_keras.timestep.TimestepBatchNorm`:
     # one per timestep and feature, gamma/beta per feature) and still reuse
     # the batch moments, the guards and the averaging rules below.
 
@@ -403,6 +383,16 @@ class BatchNorm(keras.layers.Layer):
 
     def _inference_call(self, x):
         mean, variance = self._population_statistics(x)
+        if fused_kernel.in_inference(self._fused, x):
+            return fused_kernel.inference(
+                x,
+                self._fused.data_format,
+                mean,
+                variance,
+                self._parameter(self.gamma, x.dtype),
+                self._parameter(self.beta, x.dtype),
+                self.epsilon,
+            )
         if len(mean.shape) == len(self._param_shape):
             return normalize(
                 x,
@@ -412,7 +402,6 @@ class BatchNorm(keras.layers.Layer):
                 self._parameter(self.gamma, x.dtype),
                 self._parameter(self.beta, x.dtype),
                 self.epsilon,
-                self._fused_layout,
             )
         return normalize_broadcast(
             x,
@@ -427,7 +416,7 @@ class BatchNorm(keras.layers.Layer):
         shape = ops.shape(x)
         batch = shape[0]
         x = checks.require(batch > 0, checks.empty_batch_message(x.shape), x)
-        if self._use_fused_training(x, mask):
+        if fused_kernel.in_training(self._fused, x, mask):
             return self._fused_train_call(x)
         ghosts = self.virtual_batch_size is not None
         reduction_axes, broadcast_shape = self._reduction_axes, self._broadcast_shape
@@ -450,7 +439,7 @@ class BatchNorm(keras.layers.Layer):
         gamma = self._parameter(self.gamma, x.dtype, broadcast_shape)
         beta = self._parameter(self.beta, x.dtype, broadcast_shape)
         if self.renorm:
-            r, d = renorm.correction(self, mean, variance, broadcast_shape)
+            r, d = self._renorm.correction(mean, variance, broadcast_shape)
             gamma, beta = renorm.compose(r, d, gamma, beta)
         self._update_statistics(batch_moments, ghosts)
 
@@ -462,25 +451,13 @@ class BatchNorm(keras.layers.Layer):
         outputs = batch_moments.centered * multiplier + offset
         return virtual_batch.merge(outputs, shape) if ghosts else outputs
 
-    def _use_fused_training(self, x, mask):
-        if not self._fused_training:
-            return False
-        why = None
-        if mask is not None:
-            why = "a mask selects the values that enter the batch statistics"
-        elif (dtype := keras.backend.standardize_dtype(x.dtype)) != "float32":
-            why = f"the kernel has no {dtype} version"
-        if why and self.fused:
-            raise ValueError(_no_fused_kernel(why))
-        return why is None
-
     def _fused_train_call(self, x):
         count = static_count(x, self._reduction_axes)
         message = checks.single_value_message(x.shape, self._reduction_axes, None)
         x = checks.require(count > 1, message, x)
         outputs, mean, variance = fused_kernel.train(
             x,
-            self._fused_layout,
+            self._fused.data_format,
             self._parameter(self.gamma, x.dtype),
             self._parameter(self.beta, x.dtype),
             self.epsilon,
@@ -514,10 +491,12 @@ class BatchNorm(keras.layers.Layer):
             # A batch that updates no feature (of a counter's slice) does not count.
             used = statistics.any_updated(ok, self._counter_shape())
             self.num_batches.assign(self.num_batches + ops.cast(used, "int32"))
+        statistics.assign_average(self.moving_mean, mean, rate, keep, ok)
         if self.renorm:
-            renorm.update(self, mean, variance, rate, keep, ok)
+            # Derived from the updated moving_stddev: replaced, not averaged.
+            variance = self._renorm.update(mean, variance, rate, keep, ok)
+            statistics.assign_average(self.moving_variance, variance, 1.0, 0.0, ok)
         else:
-            statistics.assign_average(self.moving_mean, mean, rate, keep, ok)
             statistics.assign_average(self.moving_variance, variance, rate, keep, ok)
 
     def _parameter(self, variable, dtype, broadcast_shape=None):
@@ -558,17 +537,3 @@ class BatchNorm(keras.layers.Layer):
             "fused": self.fused,
         }
         return {**super().get_config(), **config}
-
-
-def _no_fused_kernel(why):
-    return (
-        f"`fused=True`, but the fused kernel cannot be used: {why}. Pass "
-        "`fused=None` to use it only where it applies. Received: fused=True"
-    )
-
-
-def _clone_initializer(initializer):
-    # A fresh instance, so a seeded initializer is not reused for two weights.
-    if isinstance(initializer, initializers.Initializer):
-        return initializer.__class__.from_config(initializer.get_config())
-    return initializer

@@ -1,4 +1,4 @@
-"""TensorFlow's fused batch-norm kernel, where it gives the layer's semantics.
+"""TensorFlow's fused batch-norm kernel: where `BatchNorm` uses it, and how.
 
 `FusedBatchNormV3` normalizes a 4-D tensor over every axis but the channels
 in one kernel, forward and backward (tf-keras' `fused=True`). It applies to
@@ -16,7 +16,10 @@ in one kernel, forward and backward (tf-keras' `fused=True`). It applies to
 
 With `fused=None` the layer uses it for channels-last inputs only, and in
 training only on 4-D and 5-D inputs, where it is faster than the unfused ops
-on a CPU; `fused=True` asks for it wherever it applies.
+on a CPU; `fused=True` asks for it wherever it applies, and is an error where
+it cannot. The whole decision is here: `check_request` when the layer is
+created, `plan` when it is built, `in_training` and `in_inference` when it
+runs.
 
 The kernel returns the batch mean and the *unbiased* batch variance; the
 layer turns the latter back into the biased variance before its own guarded
@@ -24,6 +27,8 @@ update of the population statistics, so every statistics option (momentum,
 `momentum=None`, `debias`, `unbiased_variance`) and every guard (single
 value per feature, non-finite moments) holds on the fused path as well.
 """
+
+from typing import NamedTuple
 
 import keras
 
@@ -35,8 +40,34 @@ MIN_EPSILON = 1.001e-5
 _FAR_OUT = 8.0
 
 
-def unavailable(epsilon):
-    """Why the kernel cannot run at all, or None if it can."""
+class Plan(NamedTuple):
+    """Where a built layer runs the fused kernel.
+
+    Attributes:
+        data_format: `"NHWC"` or `"NCHW"`, how the kernel sees the layer's
+            inputs, or `None` if the layer never uses the kernel. Inference
+            on float32 inputs uses it whenever it is set.
+        training: Whether training-mode calls use it too (on float32
+            inputs without a mask).
+        required: Whether the layer was asked for it (`fused=True`), so that
+            an input the kernel cannot take is an error.
+    """
+
+    data_format: str | None = None
+    training: bool = False
+    required: bool = False
+
+
+def unavailable(epsilon: float) -> str | None:
+    """Why the kernel cannot run at all, or None if it can.
+
+    Args:
+        epsilon: The layer's `epsilon`.
+
+    Returns:
+        The reason, to complete "the fused kernel cannot be used: ...", or
+        None.
+    """
     backend = keras.backend.backend()
     if backend != "tensorflow":
         return f"the fused kernel is TensorFlow's, and the backend is {backend}"
@@ -48,20 +79,174 @@ def unavailable(epsilon):
     return None
 
 
-def training_unsupported(layer):
-    """Why the layer's options rule the kernel out in training, or None."""
-    if layer.renorm:
+def training_unsupported(
+    renorm: bool, virtual_batch_size: int | None, synchronized: bool
+) -> str | None:
+    """Why the layer's options rule the kernel out in training, or None.
+
+    Args:
+        renorm: The layer's `renorm`.
+        virtual_batch_size: The layer's `virtual_batch_size`.
+        synchronized: The layer's `synchronized`.
+
+    Returns:
+        The reason, or None if the options allow the kernel.
+    """
+    if renorm:
         return "renorm=True puts the renorm corrections into the normalization"
-    if layer.virtual_batch_size is not None:
+    if virtual_batch_size is not None:
         return "virtual_batch_size normalizes each ghost batch on its own"
-    if layer.synchronized:
+    if synchronized:
         return "synchronized=True needs the moments of the global batch"
     return None
 
 
-def layout(axes, rank):
-    """`("NHWC" | "NCHW", None)` for the feature `axes` of a rank-`rank` input,
-    or `(None, why not)`."""
+def refusal(why: str) -> str:
+    """The error message of `fused=True` where the kernel cannot be used."""
+    return (
+        f"`fused=True`, but the fused kernel cannot be used: {why}. Pass "
+        "`fused=None` to use it only where it applies. Received: fused=True"
+    )
+
+
+def check_request(
+    fused: bool | None,
+    epsilon: float,
+    renorm: bool,
+    virtual_batch_size: int | None,
+    synchronized: bool,
+) -> None:
+    """Checks, when the layer is created, that `fused=True` can be honoured.
+
+    Args:
+        fused: The layer's `fused` (`True`, `False` or `None`).
+        epsilon: The layer's `epsilon`.
+        renorm: The layer's `renorm`.
+        virtual_batch_size: The layer's `virtual_batch_size`.
+        synchronized: The layer's `synchronized`.
+
+    Raises:
+        ValueError: If `fused=True` and the backend, `epsilon` or the options
+            rule the kernel out.
+    """
+    if not fused:
+        return
+    why = unavailable(epsilon) or training_unsupported(
+        renorm, virtual_batch_size, synchronized
+    )
+    if why:
+        raise ValueError(refusal(why))
+
+
+def plan(
+    fused: bool | None,
+    axes: tuple[int, ...],
+    statistics_axes: tuple[int, ...],
+    rank: int,
+    epsilon: float,
+    renorm: bool,
+    virtual_batch_size: int | None,
+    synchronized: bool,
+) -> Plan:
+    """Decides, when the layer is built, where it uses the kernel.
+
+    Args:
+        fused: The layer's `fused` (`True`, `False` or `None`).
+        axes: The sorted, non-negative feature axes.
+        statistics_axes: The axes the population statistics vary along
+            (more than `axes` for per-timestep statistics).
+        rank: The rank of the inputs.
+        epsilon: The layer's `epsilon`.
+        renorm: The layer's `renorm`.
+        virtual_batch_size: The layer's `virtual_batch_size`.
+        synchronized: The layer's `synchronized`.
+
+    Returns:
+        The layer's `Plan`.
+
+    Raises:
+        ValueError: If `fused=True` and the kernel cannot take these inputs.
+    """
+    if fused is False:
+        return Plan()
+    data_format, why = layout(axes, rank)
+    if statistics_axes != axes:
+        why = "the population statistics vary along more axes than gamma/beta"
+    elif why is None:
+        why = unavailable(epsilon)
+    if why is not None:
+        if fused:
+            raise ValueError(refusal(why))
+        return Plan()
+    if data_format != "NHWC" and not fused:
+        # Channels-first on request only: the CPU kernel transposes to
+        # channels-last and back (1.7x Keras' training step, 7x its
+        # inference, measured in benchmarks/bench_layer.py).
+        return Plan()
+    # Training on request, or on images and volumes: for smaller inputs
+    # the kernel's fixed cost outweighs its gain (dense (60, 100): 1.05x
+    # to 1.13x Keras' step, unfused 0.99x).
+    options_allow_training = (
+        training_unsupported(renorm, virtual_batch_size, synchronized) is None
+    )
+    training = options_allow_training and (bool(fused) or rank in (4, 5))
+    return Plan(data_format, training, bool(fused))
+
+
+def in_training(plan: Plan, x, mask) -> bool:
+    """Whether a training-mode call on `x` (and `mask`) goes through the kernel.
+
+    Args:
+        plan: The layer's `Plan`.
+        x: The input, already cast to float32 or float64.
+        mask: The broadcast boolean mask, or None.
+
+    Returns:
+        True if the kernel normalizes this batch.
+
+    Raises:
+        ValueError: If the kernel was required (`fused=True`) and cannot take
+            this batch.
+    """
+    if not plan.training:
+        return False
+    why = None
+    if mask is not None:
+        why = "a mask selects the values that enter the batch statistics"
+    elif (dtype := keras.backend.standardize_dtype(x.dtype)) != "float32":
+        why = f"the kernel has no {dtype} version"
+    if why and plan.required:
+        raise ValueError(refusal(why))
+    return why is None
+
+
+def in_inference(plan: Plan, x) -> bool:
+    """Whether an inference-mode call on `x` goes through the kernel.
+
+    Args:
+        plan: The layer's `Plan`.
+        x: The input, already cast to float32 or float64.
+
+    Returns:
+        True if the kernel normalizes `x` (float32 inputs only; float64
+        takes the unfused path silently, even with `fused=True`).
+    """
+    return (
+        plan.data_format is not None
+        and keras.backend.standardize_dtype(x.dtype) == "float32"
+    )
+
+
+def layout(axes: tuple[int, ...], rank: int) -> tuple[str | None, str | None]:
+    """The kernel's data format for the feature `axes` of a rank-`rank` input.
+
+    Args:
+        axes: The sorted, non-negative feature axes.
+        rank: The rank of the inputs.
+
+    Returns:
+        `("NHWC" | "NCHW", None)`, or `(None, why not)`.
+    """
     if len(axes) != 1:
         return None, f"the kernel normalizes one feature axis, and axis={axes}"
     (axis,) = axes
@@ -96,9 +281,17 @@ def _parameters(gamma, beta, channels):
 def train(x, data_format, gamma, beta, epsilon):
     """Training-mode normalization of float32 `x` by the fused kernel.
 
-    `gamma`/`beta` have the shape `(channels,)`, None when off. Returns
-    `(outputs, mean, variance)`: the batch mean and the biased batch
-    variance, without gradient (they feed the population statistics only).
+    Args:
+        x: The float32 input.
+        data_format: `"NHWC"` or `"NCHW"`, from `Plan.data_format`.
+        gamma: The scale, of shape `(channels,)`, or None when off.
+        beta: The offset, of shape `(channels,)`, or None when off.
+        epsilon: The layer's `epsilon`.
+
+    Returns:
+        `(outputs, mean, variance)`: the batch mean and the biased batch
+        variance, without gradient (they feed the population statistics
+        only).
     """
     import tensorflow as tf
 
@@ -182,6 +375,18 @@ def inference(x, data_format, mean, variance, gamma, beta, epsilon):
 
     The kernel subtracts the mean first, in a single pass: exact for inputs
     near the mean however large it is.
+
+    Args:
+        x: The float32 input.
+        data_format: `"NHWC"` or `"NCHW"`, from `Plan.data_format`.
+        mean: The population mean, of shape `(channels,)`.
+        variance: The population variance, of shape `(channels,)`.
+        gamma: The scale, of shape `(channels,)`, or None when off.
+        beta: The offset, of shape `(channels,)`, or None when off.
+        epsilon: The layer's `epsilon`.
+
+    Returns:
+        The normalized `x`.
     """
     import tensorflow as tf
 

@@ -1,11 +1,15 @@
-"""The maths of batch normalization: batch moments and the folded transform."""
+"""The maths of batch normalization: batch moments and the folded transform.
+
+Written in `keras.ops`, for every backend; the few backend kernels that
+compute the same values faster are in `bn_keras.kernels`, and TensorFlow's
+fused batch-norm kernel is in `bn_keras.fused`.
+"""
 
 from typing import NamedTuple
 
-import keras
 from keras import ops
 
-from bn_keras import fused
+from bn_keras import kernels
 from bn_keras.distributed import all_reduce_sum, num_replicas
 
 
@@ -52,7 +56,7 @@ def moments(x, axes, mask=None, synchronized=False):
     # mean of float64 tensors in float32.
     divisor = count if isinstance(count, int) else ops.cast(count, x.dtype)
     mean = ops.sum(centered, axis=axes, keepdims=True) / divisor
-    squares = _squared_difference(centered, ops.stop_gradient(mean))
+    squares = kernels.squared_difference(centered, ops.stop_gradient(mean))
     variance = ops.sum(squares, axis=axes, keepdims=True) / divisor
     return Moments(centered, mean, variance, count, shift)
 
@@ -92,16 +96,6 @@ def static_count(x, axes):
     return count
 
 
-def _squared_difference(x, y):
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        # One fused kernel, forward and backward, where ops.square(x - y)
-        # makes two passes over the tensor (as Keras does through tf.nn.moments).
-        return tf.math.squared_difference(x, y)
-    return ops.square(x - y)
-
-
 def fold(mean, variance, gamma, beta, epsilon):
     """`gamma * (x - mean) / sqrt(variance + epsilon) + beta` as `x * a + b`.
 
@@ -116,23 +110,27 @@ def fold(mean, variance, gamma, beta, epsilon):
     return multiplier, offset
 
 
-def normalize(x, axes, mean, variance, gamma, beta, epsilon, data_format=None):
+def normalize(x, axes, mean, variance, gamma, beta, epsilon):
     """`gamma * (x - mean) / sqrt(variance + epsilon) + beta` with statistics.
 
-    The statistics and `gamma`/`beta` (None when off) have the shape of the
-    feature `axes`. The mean is subtracted first, exact for inputs near it
-    (Sterbenz): Keras' fold `x * a + (beta - mean * a)` cancels two terms of
-    the size of `mean * a`, and for float32 inputs of mean 1e6 and std 1e-2 it
-    is off by about 2. With a `data_format` ("NHWC" or "NCHW", see
-    `bn_keras.fused`), float32 inputs go through TensorFlow's fused inference
-    kernel, which subtracts first in a single pass.
+    The mean is subtracted first, exact for inputs near it (Sterbenz): Keras'
+    fold `x * a + (beta - mean * a)` cancels two terms of the size of
+    `mean * a`, and for float32 inputs of mean 1e6 and std 1e-2 it is off by
+    about 2.
+
+    Args:
+        x: The input.
+        axes: The sorted, non-negative feature axes of `x`.
+        mean: The mean, of the shape of the feature axes.
+        variance: The variance, of the shape of the feature axes.
+        gamma: The scale, of the shape of the feature axes, or None for 1.
+        beta: The offset, of the shape of the feature axes, or None for 0.
+        epsilon: Small positive float added to the variance.
+
+    Returns:
+        The normalized `x`.
     """
     rank = len(x.shape)
-    if (
-        data_format is not None
-        and keras.backend.standardize_dtype(x.dtype) == "float32"
-    ):
-        return fused.inference(x, data_format, mean, variance, gamma, beta, epsilon)
     broadcast_shape = [x.shape[i] if i in axes else 1 for i in range(rank)]
 
     def expand(value):
@@ -148,22 +146,22 @@ def normalize_broadcast(x, mean, variance, gamma, beta, epsilon):
 
     For statistics that vary along more axes than the parameters (one per
     timestep, with `gamma` and `beta` shared across time).
+
+    Args:
+        x: The input.
+        mean: The mean, broadcastable against `x`.
+        variance: The variance, broadcastable against `x`.
+        gamma: The scale, broadcastable against `x`, or None for 1.
+        beta: The offset, broadcastable against `x`, or None for 0.
+        epsilon: Small positive float added to the variance.
+
+    Returns:
+        The normalized `x`.
     """
     multiplier = ops.rsqrt(variance + epsilon)
     if gamma is not None:
         multiplier = multiplier * gamma
-    backend = keras.backend.backend()
-    if backend == "torch" and beta is not None:
-        import torch
-
-        # Two kernels, as Keras' own: torch runs eagerly, op by op.
-        return torch.addcmul(beta, x - mean, multiplier)
-    return _subtract_first(x, mean, multiplier, beta)
-
-
-def _subtract_first(x, mean, multiplier, beta):
-    outputs = (x - mean) * multiplier
-    return outputs if beta is None else outputs + beta
+    return kernels.subtract_multiply_add(x, mean, multiplier, beta)
 
 
 def bessel_factor(count):

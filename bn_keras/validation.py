@@ -1,6 +1,10 @@
-"""Argument validation for `BatchNorm`: a `ValueError` that quotes the bad value."""
+"""The layers' arguments, validated and converted: a `ValueError` quotes a bad value."""
 
 import math
+import operator
+from typing import Any
+
+from keras import initializers
 
 RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
 
@@ -101,6 +105,49 @@ def validate_fused(fused):
     if fused is None or isinstance(fused, bool):
         return fused
     raise ValueError(f"`fused` must be True, False or None. Received: fused={fused!r}")
+
+
+def validate_positive_int(value: Any, name: str) -> int:
+    """`value` as an int, or a ValueError that quotes the argument.
+
+    Args:
+        value: The argument: an integer (not a bool) of at least 1.
+        name: The argument's name, for the message.
+
+    Returns:
+        The integer.
+
+    Raises:
+        ValueError: If `value` is not a positive integer.
+    """
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        integer = operator.index(value)
+    except TypeError:
+        integer = 0
+    if integer < 1:
+        raise ValueError(
+            f"`{name}` must be a positive integer. Received: {name}={value!r}"
+        )
+    return integer
+
+
+def clone_initializer(initializer: Any) -> Any:
+    """A fresh instance of `initializer`, for one more weight.
+
+    So that a seeded initializer instance is not reused for two weights.
+
+    Args:
+        initializer: A Keras initializer instance, or a callable.
+
+    Returns:
+        A new instance with the same configuration; a callable that is not a
+        `keras.initializers.Initializer` is returned as it is.
+    """
+    if isinstance(initializer, initializers.Initializer):
+        return initializer.__class__.from_config(initializer.get_config())
+    return initializer
 
 
 def validate_virtual_batch_size(value):

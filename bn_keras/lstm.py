@@ -1,204 +1,41 @@
-"""Recurrent batch normalization: population statistics per timestep.
+"""The BN-LSTM: an LSTM with recurrent batch normalization (Cooijmans et al., 2016).
 
-Cooijmans et al., 2016, https://arxiv.org/abs/1603.09025: in a recurrent
-network the distribution of a pre-activation changes over the sequence
-(the state starts at zero and settles later), so one population statistic
-for all timesteps normalizes most timesteps with the wrong mean and variance.
-The statistics are kept per timestep up to `max_timesteps` (T_max); later
-timesteps reuse those of T_max. Gamma and beta are shared across time.
-
-Both layers here are `BatchNorm` underneath: the population statistics
-(momentum, `momentum=None`, `debias`, `unbiased_variance`, the guards against
-non-finite and single-value batches, `recompute_statistics`) are `BatchNorm`'s,
-through its subclass hooks.
+Reference: https://arxiv.org/abs/1603.09025. Its three normalizations are
+`bn_keras.timestep.TimestepBatchNorm` sublayers, with per-timestep
+population statistics; in training the recurrent and cell normalizations
+take the batch moments of each step of the recurrence themselves, and hand
+them to their sublayer's update at the end of the sequence.
 """
 
 from __future__ import annotations
 
-import operator
-from typing import Any
+from typing import Any, NamedTuple
 
 import keras
 from keras import activations, initializers, ops, regularizers
 
-from bn_keras import statistics
-from bn_keras.batch_norm import BatchNorm
-from bn_keras.moments import Moments
-
-_TIME_AXIS = 1
+from bn_keras import validation
+from bn_keras.timestep import TIME_AXIS, TimestepBatchNorm
 
 
-def _validate_positive_int(value, name):
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        integer = operator.index(value)
-    except TypeError:
-        integer = 0
-    if integer < 1:
-        raise ValueError(
-            f"`{name}` must be a positive integer. Received: {name}={value!r}"
-        )
-    return integer
+class _TrainingCarry(NamedTuple):
+    """What the training recurrence carries from a timestep to the next.
 
-
-def _clamped_steps(steps, max_timesteps):
-    """`min(t, max_timesteps - 1)` for `t` in `range(steps)`: the statistics' slot."""
-    return ops.minimum(ops.arange(steps, dtype="int32"), max_timesteps - 1)
-
-
-@keras.saving.register_keras_serializable(package="bn_keras")
-class TimestepBatchNorm(BatchNorm):
-    """Batch normalization with population statistics per timestep, shared gamma/beta.
-
-    For inputs `(batch, time, ..., features)`, in training mode each timestep
-    `t` is normalized with the moments of its own values over the batch (and
-    any axes between time and the features),
-    `gamma * (x[:, t] - mean_B[t]) / sqrt(var_B[t] + epsilon) + beta`, and the
-    population statistics `moving_mean[t]` and `moving_variance[t]`, of shape
-    `(max_timesteps, features...)`, are updated for `t < max_timesteps`. In
-    inference mode each timestep has its own population statistics, clamped
-    to the last slot:
-    `gamma * (x[:, t] - moving_mean[s]) / sqrt(moving_variance[s] + epsilon)
-    + beta` with `s = min(t, max_timesteps - 1)`. `gamma` and `beta` have
-    the shape of the features, shared across time. (`BatchNorm(axis=(1, -1))`
-    also keeps statistics per timestep, but with a gamma and beta per timestep
-    and a fixed number of timesteps.)
-
-    - Timesteps beyond `max_timesteps`: in inference they use the statistics
-      of the last slot (timestep `max_timesteps - 1`, the paper's T_max). In
-      training they are normalized with their own batch moments, as every
-      timestep is, and their moments enter no population statistic: the last
-      slot estimates timestep `max_timesteps - 1` alone.
-    - Variable lengths: masked (padded) entries do not enter the batch moments
-      of their timestep. A timestep that no sequence of the batch reaches, or
-      only one, keeps its population statistics for that batch; with
-      `momentum=None` or `debias=True` each timestep counts the batches that
-      updated it (`num_batches` has shape `(max_timesteps, 1, ...)`). Pad at
-      the end (`padding="post"`): the timestep is the position on the time
-      axis.
-    - The time dimension may be unknown until the layer runs (statistics are
-      gathered with clamped indices, not sliced).
-
-    Everything else is `BatchNorm`'s: `momentum` (or `None`), `debias`,
-    `unbiased_variance`, `virtual_batch_size`, `synchronized`, the protection
-    of the population statistics against non-finite and single-value batches,
-    and `bn_keras.recompute_statistics`. Batch renormalization is not
-    supported.
-
-    Args:
-        max_timesteps: Positive integer, the number of timesteps with their
-            own population statistics (T_max).
-        axis: Integer or tuple of integers, the feature axis or axes; neither
-            the batch axis 0 nor the time axis 1.
-        **kwargs: `BatchNorm`'s arguments (`momentum`, `epsilon`, `center`,
-            `scale`, initializers, regularizers, constraints, `debias`,
-            `unbiased_variance`, `virtual_batch_size`, `synchronized`) and
-            the base layer's (`name`, `dtype`, ...).
-
-    Call arguments:
-        inputs: Tensor of shape `(batch, time, ..., features)`.
-        training: Python boolean. `True` normalizes each timestep with its
-            batch statistics and updates its population statistics (if the
-            layer is trainable); `False` or `None` uses the population
-            statistics.
-        mask: Optional boolean tensor, the input's shape without its last
-            axis (Keras' convention, `(batch, time)` for 3-D inputs): masked
-            entries do not enter the batch statistics.
-
-    Reference:
-        - [Cooijmans et al., 2016](https://arxiv.org/abs/1603.09025),
-          "Recurrent Batch Normalization", Section 3.
-        - [Ioffe & Szegedy, 2015](https://arxiv.org/abs/1502.03167).
+    The state `(h, c)` and the step's batch moments of the recurrent
+    pre-activations (`h_*`, of `W_h h`) and of the cell (`c_*`), each
+    `(1, features)`. Keras' TensorFlow scan stacks outputs shaped as the
+    carry: the stacked moments feed the population statistics. The counts
+    (values per feature under a mask) are `()`, no tensor, without a mask.
     """
 
-    def __init__(
-        self, max_timesteps: int, axis: int | tuple[int, ...] = -1, **kwargs: Any
-    ) -> None:
-        if kwargs.get("renorm"):
-            raise ValueError(
-                "TimestepBatchNorm does not support batch renormalization. "
-                f"Received: renorm={kwargs['renorm']!r}"
-            )
-        super().__init__(axis=axis, **kwargs)
-        self.max_timesteps = _validate_positive_int(max_timesteps, "max_timesteps")
-
-    def build(self, input_shape):
-        if len(input_shape) < 3:
-            raise ValueError(
-                "TimestepBatchNorm expects inputs of shape (batch, time, ..., "
-                f"features), of rank 3 or more. Received: input_shape={input_shape}"
-            )
-        super().build(input_shape)
-
-    def _statistics_axes(self, axes):
-        if 0 in axes or _TIME_AXIS in axes:
-            raise ValueError(
-                "The feature axis of TimestepBatchNorm can be neither the batch "
-                f"axis 0 nor the time axis 1. Received: axis={self.axis}"
-            )
-        return (_TIME_AXIS,) + tuple(axes)
-
-    def _statistics_shape_for(self, param_shape):
-        return (self.max_timesteps,) + tuple(param_shape)
-
-    def _counter_shape(self):
-        return (self.max_timesteps,) + (1,) * len(self._param_shape)
-
-    def _batch_statistics(self, batch_moments, ghosts):
-        # One row per timestep of the batch, then one per slot: timesteps
-        # beyond the slots are dropped, slots beyond the batch's timesteps
-        # are not reached (ok False), gathered with clamped indices so that
-        # the number of timesteps may be known only at run time.
-        per_step = (-1,) + tuple(self._param_shape)
-        mean, variance, ok = statistics.batch_contribution(
-            batch_moments, per_step, self.unbiased_variance, ghosts
-        )
-        steps = ops.shape(mean)[0]
-        slots = ops.arange(self.max_timesteps, dtype="int32")
-        index = ops.minimum(slots, steps - 1)
-        reached = ops.reshape(slots < steps, self._counter_shape())
-        ok = ops.logical_and(ops.take(ok, index, axis=0), reached)
-        return ops.take(mean, index, axis=0), ops.take(variance, index, axis=0), ok
-
-    def _population_statistics(self, x):
-        mean, variance = self.population_statistics_at(ops.shape(x)[_TIME_AXIS])
-        rank = len(x.shape)
-        shape = [1] * rank
-        shape[_TIME_AXIS] = -1
-        for a, size in zip(self._axes, self._param_shape, strict=True):
-            shape[a] = size
-        return (
-            ops.reshape(ops.cast(mean, x.dtype), shape),
-            ops.reshape(ops.cast(variance, x.dtype), shape),
-        )
-
-    def population_statistics_at(self, steps: Any) -> tuple[Any, Any]:
-        """The population `(mean, variance)` of timesteps `0 .. steps - 1`.
-
-        Shape `(steps, features...)`; timesteps from `max_timesteps` on get
-        the statistics of the last slot. `steps` may be a scalar tensor.
-        """
-        index = _clamped_steps(steps, self.max_timesteps)
-        return (
-            ops.take(self.moving_mean, index, axis=0),
-            ops.take(self.moving_variance, index, axis=0),
-        )
-
-    def update_from_moments(self, mean: Any, variance: Any, count: Any) -> None:
-        """Updates the population statistics from per-timestep batch moments.
-
-        For a layer that computes its batch moments itself, one timestep at a
-        time (the recurrent normalizations of `BatchNormLSTM`): `mean` and
-        (biased) `variance` have shape `(steps, 1, features...)`, `count` is
-        the number of values per feature (an int, a scalar tensor, or per
-        timestep and feature under a mask). The update is `BatchNorm`'s, with
-        its guards and averaging rule.
-        """
-        self._update_statistics(Moments(None, mean, variance, count, 0.0), False)
-
-    def get_config(self):
-        return {**super().get_config(), "max_timesteps": self.max_timesteps}
+    h: Any
+    c: Any
+    h_mean: Any
+    h_variance: Any
+    c_mean: Any
+    c_variance: Any
+    h_count: Any = ()
+    c_count: Any = ()
 
 
 def _step_moments(z, mask):
@@ -226,11 +63,6 @@ def _step_moments(z, mask):
     squares = ops.where(mask, ops.square(centered), 0.0)
     variance = ops.divide_no_nan(ops.sum(squares, axis=0, keepdims=True), count)
     return centered, mean, variance, count
-
-
-def _copy_initializer(initializer):
-    # A fresh instance per weight, so that a seeded initializer is not reused.
-    return initializers.get(initializers.serialize(initializer))
 
 
 @keras.saving.register_keras_serializable(package="bn_keras")
@@ -330,8 +162,10 @@ class BatchNormLSTM(keras.layers.Layer):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.units = _validate_positive_int(units, "units")
-        self.max_timesteps = _validate_positive_int(max_timesteps, "max_timesteps")
+        self.units = validation.validate_positive_int(units, "units")
+        self.max_timesteps = validation.validate_positive_int(
+            max_timesteps, "max_timesteps"
+        )
         self.activation = activations.get(activation)
         self.recurrent_activation = activations.get(recurrent_activation)
         self.kernel_initializer = initializers.get(kernel_initializer)
@@ -357,7 +191,7 @@ class BatchNormLSTM(keras.layers.Layer):
                 momentum=momentum,
                 epsilon=epsilon,
                 center=center,
-                gamma_initializer=_copy_initializer(self.gamma_initializer),
+                gamma_initializer=validation.clone_initializer(self.gamma_initializer),
                 debias=debias,
                 unbiased_variance=unbiased_variance,
                 name=name,
@@ -439,9 +273,9 @@ class BatchNormLSTM(keras.layers.Layer):
         if mask is not None:
             mask = ops.cast(mask, "bool")
         if self.go_backwards:
-            x = ops.flip(x, axis=_TIME_AXIS)
+            x = ops.flip(x, axis=TIME_AXIS)
             if mask is not None:
-                mask = ops.flip(mask, axis=_TIME_AXIS)
+                mask = ops.flip(mask, axis=TIME_AXIS)
         train = bool(training) and self.trainable
         batch = x.shape[0] if x.shape[0] is not None else ops.shape(x)[0]
 
@@ -504,7 +338,7 @@ class BatchNormLSTM(keras.layers.Layer):
         masked = mask is not None
 
         def step(carry, inputs):
-            h, c = carry[0], carry[1]
+            h, c = carry.h, carry.c
             gates_x = inputs[0]
             step_mask = inputs[1] if masked else None
             h_centered, h_mean, h_variance, h_count = _step_moments(
@@ -520,30 +354,36 @@ class BatchNormLSTM(keras.layers.Layer):
             if beta_c is not None:
                 normalized_c = normalized_c + beta_c
             new_h = output_gate * self.activation(normalized_c)
+            counts = ()
             if masked:
                 new_h = ops.where(step_mask, new_h, h)
                 new_c = ops.where(step_mask, new_c, c)
-            carried = (new_h, new_c, h_mean, h_variance, c_mean, c_variance)
-            if masked:
-                carried += (h_count, c_count)
-            # Keras' TensorFlow scan stacks outputs shaped as the carry.
+                counts = (h_count, c_count)
+            carried = _TrainingCarry(
+                new_h, new_c, h_mean, h_variance, c_mean, c_variance, *counts
+            )
             return carried, carried
 
         units = self.units
-        init = state + (
+        counts = (ops.zeros((1, 1)), ops.zeros((1, 1))) if masked else ()
+        init = _TrainingCarry(
+            *state,
             ops.zeros((1, 4 * units)),
             ops.zeros((1, 4 * units)),
             ops.zeros((1, units)),
             ops.zeros((1, units)),
+            *counts,
         )
-        if masked:
-            init += (ops.zeros((1, 1)), ops.zeros((1, 1)))
         last, stacked = ops.scan(step, init, tuple(xs))
-        sequence = stacked[0]
-        h_count, c_count = (stacked[6], stacked[7]) if masked else (batch, batch)
-        self.recurrent_norm.update_from_moments(stacked[2], stacked[3], h_count)
-        self.cell_norm.update_from_moments(stacked[4], stacked[5], c_count)
-        return sequence, last[0], last[1]
+        if masked:
+            h_count, c_count = stacked.h_count, stacked.c_count
+        else:
+            h_count = c_count = batch
+        self.recurrent_norm.update_from_moments(
+            stacked.h_mean, stacked.h_variance, h_count
+        )
+        self.cell_norm.update_from_moments(stacked.c_mean, stacked.c_variance, c_count)
+        return stacked.h, last.h, last.c
 
     def _inference_recurrence(self, state, xs, mask):
         recurrent_kernel, gamma_h, gamma_c, beta_c = self._weights()

@@ -1,0 +1,198 @@
+"""Recurrent batch normalization: population statistics per timestep.
+
+Cooijmans et al., 2016, https://arxiv.org/abs/1603.09025: in a recurrent
+network the distribution of a pre-activation changes over the sequence
+(the state starts at zero and settles later), so one population statistic
+for all timesteps normalizes most timesteps with the wrong mean and variance.
+The statistics are kept per timestep up to `max_timesteps` (T_max); later
+timesteps reuse those of T_max. Gamma and beta are shared across time.
+
+`TimestepBatchNorm` is `BatchNorm` underneath: the population statistics
+(momentum, `momentum=None`, `debias`, `unbiased_variance`, the guards against
+non-finite and single-value batches, `recompute_statistics`) are `BatchNorm`'s,
+through its subclass hooks. `bn_keras.lstm.BatchNormLSTM` normalizes with
+three of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+from keras import ops
+
+from bn_keras import statistics, validation
+from bn_keras.batch_norm import BatchNorm
+from bn_keras.moments import Moments
+
+# The axis of `(batch, time, ..., features)` inputs that holds the timesteps.
+TIME_AXIS = 1
+
+
+def _clamped_steps(steps, max_timesteps):
+    """`min(t, max_timesteps - 1)` for `t` in `range(steps)`: the statistics' slot."""
+    return ops.minimum(ops.arange(steps, dtype="int32"), max_timesteps - 1)
+
+
+@keras.saving.register_keras_serializable(package="bn_keras")
+class TimestepBatchNorm(BatchNorm):
+    """Batch normalization with population statistics per timestep, shared gamma/beta.
+
+    For inputs `(batch, time, ..., features)`, in training mode each timestep
+    `t` is normalized with the moments of its own values over the batch (and
+    any axes between time and the features),
+    `gamma * (x[:, t] - mean_B[t]) / sqrt(var_B[t] + epsilon) + beta`, and the
+    population statistics `moving_mean[t]` and `moving_variance[t]`, of shape
+    `(max_timesteps, features...)`, are updated for `t < max_timesteps`. In
+    inference mode each timestep has its own population statistics, clamped
+    to the last slot:
+    `gamma * (x[:, t] - moving_mean[s]) / sqrt(moving_variance[s] + epsilon)
+    + beta` with `s = min(t, max_timesteps - 1)`. `gamma` and `beta` have
+    the shape of the features, shared across time. (`BatchNorm(axis=(1, -1))`
+    also keeps statistics per timestep, but with a gamma and beta per timestep
+    and a fixed number of timesteps.)
+
+    - Timesteps beyond `max_timesteps`: in inference they use the statistics
+      of the last slot (timestep `max_timesteps - 1`, the paper's T_max). In
+      training they are normalized with their own batch moments, as every
+      timestep is, and their moments enter no population statistic: the last
+      slot estimates timestep `max_timesteps - 1` alone.
+    - Variable lengths: masked (padded) entries do not enter the batch moments
+      of their timestep. A timestep that no sequence of the batch reaches, or
+      only one, keeps its population statistics for that batch; with
+      `momentum=None` or `debias=True` each timestep counts the batches that
+      updated it (`num_batches` has shape `(max_timesteps, 1, ...)`). Pad at
+      the end (`padding="post"`): the timestep is the position on the time
+      axis.
+    - The time dimension may be unknown until the layer runs (statistics are
+      gathered with clamped indices, not sliced).
+
+    Everything else is `BatchNorm`'s: `momentum` (or `None`), `debias`,
+    `unbiased_variance`, `virtual_batch_size`, `synchronized`, the protection
+    of the population statistics against non-finite and single-value batches,
+    and `bn_keras.recompute_statistics`. Batch renormalization is not
+    supported.
+
+    Args:
+        max_timesteps: Positive integer, the number of timesteps with their
+            own population statistics (T_max).
+        axis: Integer or tuple of integers, the feature axis or axes; neither
+            the batch axis 0 nor the time axis 1.
+        **kwargs: `BatchNorm`'s arguments (`momentum`, `epsilon`, `center`,
+            `scale`, initializers, regularizers, constraints, `debias`,
+            `unbiased_variance`, `virtual_batch_size`, `synchronized`) and
+            the base layer's (`name`, `dtype`, ...).
+
+    Call arguments:
+        inputs: Tensor of shape `(batch, time, ..., features)`.
+        training: Python boolean. `True` normalizes each timestep with its
+            batch statistics and updates its population statistics (if the
+            layer is trainable); `False` or `None` uses the population
+            statistics.
+        mask: Optional boolean tensor, the input's shape without its last
+            axis (Keras' convention, `(batch, time)` for 3-D inputs): masked
+            entries do not enter the batch statistics.
+
+    Reference:
+        - [Cooijmans et al., 2016](https://arxiv.org/abs/1603.09025),
+          "Recurrent Batch Normalization", Section 3.
+        - [Ioffe & Szegedy, 2015](https://arxiv.org/abs/1502.03167).
+    """
+
+    def __init__(
+        self, max_timesteps: int, axis: int | tuple[int, ...] = -1, **kwargs: Any
+    ) -> None:
+        if kwargs.get("renorm"):
+            raise ValueError(
+                "TimestepBatchNorm does not support batch renormalization. "
+                f"Received: renorm={kwargs['renorm']!r}"
+            )
+        super().__init__(axis=axis, **kwargs)
+        self.max_timesteps = validation.validate_positive_int(
+            max_timesteps, "max_timesteps"
+        )
+
+    def build(self, input_shape):
+        if len(input_shape) < 3:
+            raise ValueError(
+                "TimestepBatchNorm expects inputs of shape (batch, time, ..., "
+                f"features), of rank 3 or more. Received: input_shape={input_shape}"
+            )
+        super().build(input_shape)
+
+    def _statistics_axes(self, axes):
+        if 0 in axes or TIME_AXIS in axes:
+            raise ValueError(
+                "The feature axis of TimestepBatchNorm can be neither the batch "
+                f"axis 0 nor the time axis 1. Received: axis={self.axis}"
+            )
+        return (TIME_AXIS,) + tuple(axes)
+
+    def _statistics_shape_for(self, param_shape):
+        return (self.max_timesteps,) + tuple(param_shape)
+
+    def _counter_shape(self):
+        return (self.max_timesteps,) + (1,) * len(self._param_shape)
+
+    def _batch_statistics(self, batch_moments, ghosts):
+        # One row per timestep of the batch, then one per slot: timesteps
+        # beyond the slots are dropped, slots beyond the batch's timesteps
+        # are not reached (ok False), gathered with clamped indices so that
+        # the number of timesteps may be known only at run time.
+        per_step = (-1,) + tuple(self._param_shape)
+        mean, variance, ok = statistics.batch_contribution(
+            batch_moments, per_step, self.unbiased_variance, ghosts
+        )
+        steps = ops.shape(mean)[0]
+        slots = ops.arange(self.max_timesteps, dtype="int32")
+        index = ops.minimum(slots, steps - 1)
+        reached = ops.reshape(slots < steps, self._counter_shape())
+        ok = ops.logical_and(ops.take(ok, index, axis=0), reached)
+        return ops.take(mean, index, axis=0), ops.take(variance, index, axis=0), ok
+
+    def _population_statistics(self, x):
+        mean, variance = self.population_statistics_at(ops.shape(x)[TIME_AXIS])
+        rank = len(x.shape)
+        shape = [1] * rank
+        shape[TIME_AXIS] = -1
+        for a, size in zip(self._axes, self._param_shape, strict=True):
+            shape[a] = size
+        return (
+            ops.reshape(ops.cast(mean, x.dtype), shape),
+            ops.reshape(ops.cast(variance, x.dtype), shape),
+        )
+
+    def population_statistics_at(self, steps: Any) -> tuple[Any, Any]:
+        """The population `(mean, variance)` of timesteps `0 .. steps - 1`.
+
+        Args:
+            steps: The number of timesteps, an int or a scalar tensor.
+
+        Returns:
+            `(mean, variance)`, each of shape `(steps, features...)`;
+            timesteps from `max_timesteps` on get the statistics of the last
+            slot.
+        """
+        index = _clamped_steps(steps, self.max_timesteps)
+        return (
+            ops.take(self.moving_mean, index, axis=0),
+            ops.take(self.moving_variance, index, axis=0),
+        )
+
+    def update_from_moments(self, mean: Any, variance: Any, count: Any) -> None:
+        """Updates the population statistics from per-timestep batch moments.
+
+        For a layer that computes its batch moments itself, one timestep at a
+        time (the recurrent normalizations of `BatchNormLSTM`). The update is
+        `BatchNorm`'s, with its guards and averaging rule.
+
+        Args:
+            mean: The batch mean of each timestep, `(steps, 1, features...)`.
+            variance: The biased batch variance, of the same shape.
+            count: The number of values per feature: an int, a scalar
+                tensor, or one per timestep and feature under a mask.
+        """
+        self._update_statistics(Moments(None, mean, variance, count, 0.0), False)
+
+    def get_config(self):
+        return {**super().get_config(), "max_timesteps": self.max_timesteps}
