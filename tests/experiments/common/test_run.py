@@ -1,14 +1,13 @@
-"""Tests for experiments/run.py: claiming folders, atomic writes, run state,
-signals. None needs TensorFlow; the processes started here import only the
-standard library and experiments.common.run."""
+"""Tests for experiments/common/run.py: claiming folders, atomic writes, run
+state, signals. None needs TensorFlow; the processes started here import only
+the standard library and experiments.common.run."""
 
 import errno
-import json
+import fcntl
 import math
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,29 +23,9 @@ from experiments.common.run import (
     read_state,
     write_json,
 )
+from tests.experiments.helpers import python, strict_json
 
-ROOT = Path(__file__).resolve().parents[1]
 NOW = 1_700_000_000.0  # a fixed clock: every default claim wants the same name
-
-
-def _reject(name):
-    raise ValueError(f"{name} in strict JSON")
-
-
-def strict_json(path):
-    return json.loads(Path(path).read_text(), parse_constant=_reject)
-
-
-def _python(code, *args, env=None, cwd=ROOT):
-    """Starts `python -c code args` in `cwd`, importing from the repository."""
-    return subprocess.Popen(
-        [sys.executable, "-c", code, *map(str, args)],
-        cwd=cwd,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
 
 def _leftovers(folder):
@@ -118,33 +97,16 @@ def test_simulated_full_disk_leaves_no_truncated_file(tmp_path, monkeypatch):
     assert _leftovers(tmp_path) == []
 
 
-@pytest.fixture
-def tiny_tmpfs(tmp_path):
-    """A real 64 KiB file system, where mounting one is allowed (root, Linux)."""
-    mount_point = tmp_path / "tiny"
-    mount_point.mkdir()
-    command = ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount_point)]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired) as err:
-        pytest.skip(f"cannot mount a tmpfs: {err}; the simulated test covers ENOSPC")
-    if done.returncode != 0:
-        pytest.skip(
-            f"cannot mount a tmpfs ({done.stderr.strip()}); the simulated test "
-            "covers ENOSPC"
-        )
-    yield mount_point
-    subprocess.run(["umount", "-l", str(mount_point)], check=False)
-
-
 def test_real_full_disk_leaves_no_truncated_file(tiny_tmpfs):
-    path = tiny_tmpfs / "bn.keras"
+    """A real 64 KiB file system (test_simulated_full_disk_... runs everywhere)."""
+    folder = tiny_tmpfs("64k")
+    path = folder / "bn.keras"
     with pytest.raises(RunError, match="No space left on device"):
         run_lib.write_bytes(path, b"x" * 200_000)
-    assert list(tiny_tmpfs.iterdir()) == []
+    assert list(folder.iterdir()) == []
     # The space is given back: a small file still fits.
-    write_json(tiny_tmpfs / "run.json", {"state": "failed"})
-    assert strict_json(tiny_tmpfs / "run.json") == {"state": "failed"}
+    write_json(folder / "run.json", {"state": "failed"})
+    assert strict_json(folder / "run.json") == {"state": "failed"}
 
 
 def test_default_claims_take_the_next_free_name(tmp_path, monkeypatch):
@@ -162,18 +124,56 @@ def test_default_claims_take_the_next_free_name(tmp_path, monkeypatch):
 
 
 CLAIM = """
-import sys, time
+import fcntl, sys
 from experiments.common.run import RunDir, RunError
-when, out = float(sys.argv[1]), sys.argv[2]
-time.sleep(max(0.0, when - time.time()))
+gate, out = sys.argv[1], sys.argv[2]
+with open(gate) as f:
+    try:
+        fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print("waiting", flush=True)
+    else:
+        print("not held", flush=True)
+    fcntl.flock(f, fcntl.LOCK_SH)  # the barrier: the test holds LOCK_EX
 try:
     run = RunDir.claim("exp", None if out == "-" else out, now=1_700_000_000.0)
 except RunError as err:
-    print("refused", err)
+    print("refused", err, flush=True)
 else:
-    print("claimed", run.path)
-    time.sleep(1.0)  # hold the folder while the others try
+    print("claimed", run.path, flush=True)
+    sys.stdin.read()  # hold the folder until the test has every answer
 """
+
+
+def _claim_all_at_once(tmp_path, target, count=6):
+    """Starts `count` processes that claim `target` ("-": the default folder)
+    at one release: each imports, reports that it waits at a barrier (a lock
+    the test holds), and claims when the test lets them all go. Returns each
+    one's answer, "claimed PATH" or "refused MESSAGE"."""
+    gate = tmp_path / "gate"
+    gate.touch()
+    processes = []
+    try:
+        with open(gate) as held:
+            fcntl.flock(held, fcntl.LOCK_EX)
+            # In tmp_path: the default folder is runs/ under the working directory.
+            processes = [
+                python(CLAIM, gate, target, cwd=tmp_path, stdin=subprocess.PIPE)
+                for _ in range(count)
+            ]
+            for p in processes:
+                line = p.stdout.readline()
+                assert line == "waiting\n", (line, p.stderr.read())
+            fcntl.flock(held, fcntl.LOCK_UN)  # all of them go at once
+        answers = [p.stdout.readline().strip() for p in processes]
+    finally:
+        for p in processes:
+            p.stdin.close()
+    for p in processes:
+        assert p.wait(timeout=60) == 0, p.stderr.read()
+        p.stdout.close()
+        p.stderr.close()
+    return answers
 
 
 @pytest.mark.parametrize("explicit", [False, True], ids=["default", "same --out"])
@@ -182,13 +182,7 @@ def test_concurrent_claims_never_share_a_folder(tmp_path, explicit):
     folder; of those given one existing empty --out, exactly one gets it."""
     out = tmp_path / "shared"
     out.mkdir()
-    when = time.time() + 1.5
-    target = out if explicit else "-"
-    # In tmp_path: the default folder is runs/ under the working directory.
-    processes = [_python(CLAIM, when, target, cwd=tmp_path) for _ in range(6)]
-    for p in processes:
-        p.wait(timeout=60)
-    outputs = [p.stdout.read().strip() for p in processes]
+    outputs = _claim_all_at_once(tmp_path, out if explicit else "-")
     claimed = [line.split(" ", 1)[1] for line in outputs if line.startswith("claimed")]
     if explicit:
         assert len(claimed) == 1, outputs
@@ -315,7 +309,7 @@ run.complete()
 def test_sigkill_at_any_point_never_leaves_complete(tmp_path, point):
     out = tmp_path / "run"
     env = {TEST_SIGNAL_VAR: f"{point}:SIGKILL"} if point else {}
-    process = _python(KILLED_AT, out, env=env)
+    process = python(KILLED_AT, out, env=env)
     _, stderr = process.communicate(timeout=60)
     if point is None:
         assert process.returncode == 0, stderr

@@ -1,4 +1,4 @@
-"""Tests for experiments/data.py: IDX parsing, checks, sources, error messages."""
+"""Tests for experiments/common/data.py: IDX parsing, checks, sources, error messages."""
 
 import gzip
 import hashlib
@@ -7,19 +7,18 @@ import numpy as np
 import pytest
 
 from experiments.common import data
+from tests.experiments.helpers import idx_bytes
 
 TRAIN_IMAGES, TRAIN_LABELS = "train-images-idx3-ubyte", "train-labels-idx1-ubyte"
 TEST_IMAGES, TEST_LABELS = "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"
 COUNTS = {TRAIN_IMAGES: 5, TRAIN_LABELS: 5, TEST_IMAGES: 3, TEST_LABELS: 3}
 
 
-def _idx(array, magic=None, dims=None):
-    """The IDX encoding of a uint8 array; `magic` and `dims` override the header."""
+def _idx(array, magic=None):
+    """The IDX encoding of an images or labels array; `magic` overrides its own."""
     if magic is None:
         magic = data._IMAGES_MAGIC if array.ndim == 3 else data._LABELS_MAGIC
-    dims = array.shape if dims is None else dims
-    header = b"".join(int(d).to_bytes(4, "big") for d in (magic, *dims))
-    return header + array.astype(np.uint8).tobytes()
+    return idx_bytes(array, magic)
 
 
 def _arrays():

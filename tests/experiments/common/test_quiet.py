@@ -1,6 +1,9 @@
-"""Tests for experiments/quiet.py: which of TensorFlow's start-up lines go."""
+"""Tests for experiments/common/quiet.py: which of TensorFlow's start-up lines go,
+and the retracing warning hidden where it is expected."""
 
-from experiments.common.quiet import noise_filter
+import logging.handlers
+
+from experiments.common.quiet import expected_retracing, noise_filter
 
 # What `import tensorflow` and its first device query print on a CPU machine
 # (TensorFlow 2.21), plus lines that must stay.
@@ -41,3 +44,23 @@ def test_cuinit_error_stays_where_a_driver_was_found():
 
 def test_level_0_keeps_everything():
     assert noise_filter(CPU_START, 0).count("\n") == CPU_START.count("\n")
+
+
+def test_expected_retracing_hides_that_warning_only_while_in_use():
+    import tensorflow as tf
+
+    logger = tf.get_logger()
+    handler = logging.handlers.BufferingHandler(capacity=100)
+    logger.addHandler(handler)
+    retracing = (
+        "5 out of the last 5 calls to <function f> triggered tf.function "
+        "retracing. Tracing is expensive."
+    )
+    try:
+        with expected_retracing():
+            logger.warning(retracing)
+            logger.warning("a real warning")
+        logger.warning(retracing)
+    finally:
+        logger.removeHandler(handler)
+    assert [r.getMessage() for r in handler.buffer] == ["a real warning", retracing]

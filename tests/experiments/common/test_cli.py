@@ -1,35 +1,48 @@
-"""Tests for experiments/cli.py: every user error is one line, exit status 2,
-before TensorFlow loads, and leaves no folder behind.
+"""Tests for experiments/common/cli.py: every user error is one line, exit
+status 2, before TensorFlow loads, and leaves no folder behind; --config NAME,
+the default folder, the flags each experiment has.
 
-The cases run in one fresh process (the test process has TensorFlow loaded
-already), which reports for each its exit status, its stderr and whether
-TensorFlow had been imported by then.
+The error cases run in one fresh process (the test process has TensorFlow
+loaded already), which reports for each its exit status, its stderr and
+whether TensorFlow had been imported by then.
 """
 
+import importlib
 import json
-import os
+import re
 import subprocess
 import sys
-from pathlib import Path
+import time
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ROOT / "configs"
+from experiments.common import cli
+from experiments.common.config import shipped_configs
+from experiments.common.data import ENV_VAR
+from experiments.common.run import read_state
+from tests.experiments.helpers import (
+    EXPERIMENTS,
+    ROOT,
+    experiment_main,
+    schema,
+    strict_json,
+    subprocess_env,
+)
+
+CONFIGS = schema("mnist_mlp").configs_dir
 SMOKE = str(CONFIGS / "smoke.toml")
 
 RUNNER = """
-import contextlib, io, json, os, sys
-from experiments import lr_sweep, mnist_mlp, population_study
-modules = {m.EXPERIMENT.name: m for m in (mnist_mlp, population_study, lr_sweep)}
+import contextlib, importlib, io, json, os, sys
 results = {}
-for name, (module, argv, env) in json.loads(sys.stdin.read()).items():
+for name, (experiment, argv, env) in json.loads(sys.stdin.read()).items():
     os.environ.pop("BN_KERAS_MNIST_DIR", None)
     os.environ.update(env)
+    main = importlib.import_module(f"experiments.{experiment}.main").main
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         try:
-            status = modules[module].main(argv)
+            status = main(argv)
         except SystemExit as exit:
             status = exit.code
     results[name] = [status, err.getvalue(), "tensorflow" in sys.modules]
@@ -126,7 +139,7 @@ CASES = {
     ),
     "batch_size beyond train_examples": (
         "mnist_mlp",
-        ["--config", SMOKE, "--set", "batch_size=5000"],
+        ["--config", "smoke", "--set", "batch_size=5000"],
         {},
         "'batch_size' (5000) is larger than the 3000 training examples used",
     ),
@@ -162,15 +175,59 @@ CASES = {
     ),
     "config is not TOML": (
         "mnist_mlp",
-        ["--config", str(ROOT / "README.md")],
+        ["--config", "{tmp}/file"],
         {},
-        "is not valid TOML",
+        "config file {tmp}/file is not valid TOML",
     ),
     "config does not exist": (
         "mnist_mlp",
         ["--config", "nope.toml"],
         {},
         "config file nope.toml does not exist",
+    ),
+    "config name not shipped": (
+        "mnist_mlp",
+        ["--config", "nope"],
+        {},
+        "config file nope does not exist; this experiment ships five_seeds, paper, "
+        f"smoke (give the name, or a path such as {SMOKE})",
+    ),
+    "config name of another experiment": (
+        "lr_sweep",
+        ["--config", "paper"],
+        {},
+        "config file paper does not exist; this experiment ships smoke ",
+    ),
+    "config path in another experiment": (
+        "sequential_mnist",
+        ["--config", "experiments/lenet_bn/configs/smoke.toml"],
+        {},
+        "unknown config key 'epochs' in experiments/lenet_bn/configs/smoke.toml "
+        "(is it a config for another experiment?)",
+    ),
+    "--seeds and --set seed disagree": (
+        "mnist_mlp",
+        ["--seeds", "3", "--set", "seed=4"],
+        {},
+        "config keys 'seed' (4) and 'seeds' ([3]) disagree",
+    ),
+    "--set seed and seeds disagree": (
+        "mnist_mlp",
+        ["--set", "seed=4", "--set", "seeds=[3]"],
+        {},
+        "config keys 'seed' (4) and 'seeds' ([3]) disagree",
+    ),
+    "seeds of a config and --set seed disagree": (
+        "mnist_mlp",
+        ["--config", "five_seeds", "--set", "seed=3"],
+        {},
+        "config keys 'seed' (3) and 'seeds' ([0, 1, 2, 3, 4]) disagree",
+    ),
+    "--set seed and --seeds disagree over a config": (
+        "mnist_mlp",
+        ["--config", "smoke", "--set", "seed=1", "--seeds", "2,1"],
+        {},
+        "config keys 'seed' (1) and 'seeds' ([2, 1]) disagree",
     ),
     "config of another experiment": (
         "lr_sweep",
@@ -231,12 +288,16 @@ CASES = {
 }
 
 
+def _case_folder(root, name):
+    return root / re.sub(r"[^\w-]", "_", name)
+
+
 @pytest.fixture(scope="module")
 def answers(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     cases = {}
-    for name, (module, argv, env, _) in CASES.items():
-        tmp = root / name.replace(" ", "_").replace("/", "_")
+    for name, (experiment, argv, env, _) in CASES.items():
+        tmp = _case_folder(root, name)
         tmp.mkdir()
         (tmp / "file").write_text("x")
         (tmp / "busy").mkdir()
@@ -246,13 +307,12 @@ def answers(tmp_path_factory):
         if "--out" not in argv and "--resume" not in argv:
             argv += ["--out", str(tmp / "out")]
         env = {k: v.replace("{tmp}", str(tmp)) for k, v in env.items()}
-        cases[name] = (module, [*argv, "--quiet"], env)
-    process_env = {k: v for k, v in os.environ.items() if k != "BN_KERAS_MNIST_DIR"}
+        cases[name] = (experiment, [*argv, "--quiet"], env)
     done = subprocess.run(
         [sys.executable, "-c", RUNNER],
         input=json.dumps(cases),
         cwd=ROOT,
-        env={**process_env, "PYTHONPATH": str(ROOT)},
+        env=subprocess_env(),
         capture_output=True,
         text=True,
         timeout=600,
@@ -265,7 +325,7 @@ def answers(tmp_path_factory):
 def test_user_error_is_one_line_before_tensorflow(answers, name):
     root, results = answers
     status, err, tensorflow_loaded = results[name]
-    tmp = root / name.replace(" ", "_").replace("/", "_")
+    tmp = _case_folder(root, name)
     expected = CASES[name][3].replace("{tmp}", str(tmp))
     assert status == 2, err
     assert err.startswith("error: ") and expected in err, err
@@ -278,10 +338,8 @@ def test_user_error_is_one_line_before_tensorflow(answers, name):
 
 
 def test_resume_cannot_take_other_settings(capsys):
-    from experiments import lr_sweep
-
     with pytest.raises(SystemExit) as info:
-        lr_sweep.main(["--resume", "x", "--set", "steps=10"])
+        experiment_main("lr_sweep")(["--resume", "x", "--set", "steps=10"])
     assert info.value.code == 2
     assert "--resume continues DIR with its own config and folder; drop --set" in (
         capsys.readouterr().err
@@ -289,8 +347,92 @@ def test_resume_cannot_take_other_settings(capsys):
 
 
 def test_mnist_mlp_has_no_resume(capsys):
-    from experiments import mnist_mlp
-
     with pytest.raises(SystemExit):
-        mnist_mlp.main(["--resume", "x"])
+        experiment_main("mnist_mlp")(["--resume", "x"])
     assert "unrecognized arguments: --resume" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def helps():
+    """`python -m experiments.NAME --help` of every experiment, started
+    together: `{name: (exit status, stdout, stderr)}`."""
+    processes = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", f"experiments.{name}", "--help"],
+            cwd=ROOT,
+            env=subprocess_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in EXPERIMENTS
+    }
+    answers = {}
+    for name, process in processes.items():
+        out, err = process.communicate(timeout=120)
+        answers[name] = (process.returncode, out, err)
+    return answers
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_help_names_the_shipped_configs_and_the_flags_it_has(helps, name):
+    status, out, err = helps[name]
+    assert status == 0 and err == "", err
+    text = " ".join(out.split())  # argparse wraps lines
+    assert text.startswith(f"usage: python -m experiments.{name} ")
+    # The folder relative to the repository root, the working directory.
+    shipped = ", ".join(shipped_configs(schema(name).configs_dir))
+    configs = re.escape(f"experiments/{name}/configs/ ({shipped})")
+    assert re.search(rf"shipped in (\S+/)?{configs}", text), text
+    assert f"runs/{name}-<config name>-<date>-<time> with --config" in text
+    experiment = importlib.import_module(f"experiments.{name}.main").EXPERIMENT
+    assert experiment.name == name and experiment.schema is schema(name)
+    assert ("--resume DIR" in text) == experiment.resumable
+    assert ("--seeds S,S,..." in text) == ("seeds" in experiment.defaults)
+    assert ("--bn-impl" in text) == ("bn_impl" in experiment.schema.choices)
+    for key in experiment.defaults:
+        assert f"{key}=" in text, key
+
+
+def _instant_experiment(name="instant"):
+    """An experiment that trains nothing: its run is the shared plumbing alone."""
+
+    def body(run, config, data, progress):
+        return {}
+
+    return cli.Experiment(
+        name=name, description="", schema=schema("mnist_mlp"), body=body
+    )
+
+
+def test_default_folder_is_named_after_the_experiment_and_config(tmp_path, monkeypatch):
+    """runs/<experiment>-<date>-<time>, and with --config
+    runs/<experiment>-<config name>-<date>-<time>."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    experiment = _instant_experiment()
+    quick = ["--set", "data_verify=false", "--quiet"]
+    for argv, prefix, steps in (
+        ([], "instant-", 40000),
+        (["--config", "smoke"], "instant-smoke-", 200),
+        (["--config", str(CONFIGS / "paper.toml")], "instant-paper-", 50000),
+    ):
+        before = time.strftime("%Y%m%d-%H%M%S")
+        assert cli.main([*argv, *quick], experiment) == 0
+        after = time.strftime("%Y%m%d-%H%M%S")
+        (folder,) = (tmp_path / "runs").iterdir()
+        match = re.fullmatch(re.escape(prefix) + r"(\d{8}-\d{6})", folder.name)
+        assert match and before <= match[1] <= after, folder.name
+        assert read_state(folder)["state"] == "complete"
+        assert strict_json(folder / "config.json")["steps"] == steps
+        folder.rename(tmp_path / folder.name)
+
+
+def test_default_folder_takes_the_next_free_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    experiment = _instant_experiment()
+    argv = ["--config", "smoke", "--set", "data_verify=false", "--quiet"]
+    for _ in range(2):
+        assert cli.main(argv, experiment) == 0
+    names = sorted(p.name for p in (tmp_path / "runs").iterdir())
+    assert len(names) == 2 and all(n.startswith("instant-smoke-") for n in names)
