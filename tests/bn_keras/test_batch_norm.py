@@ -9,12 +9,11 @@ import inspect
 import keras
 import numpy as np
 import pytest
-import reference
 from keras import ops
 
 from bn_keras import BatchNorm
-
-BACKEND = keras.backend.backend()
+from tests import reference
+from tests.bn_keras.helpers import BACKEND, F32, as64, random_inputs
 
 
 def _float64_computes_in_float64():
@@ -32,7 +31,6 @@ FLOAT64 = pytest.mark.skipif(
 
 # Explicit tolerances, one per compute precision. Inputs have a spread of a
 # few units, so outputs are O(1).
-F32 = {"rtol": 1e-5, "atol": 1e-5}
 F64 = {"rtol": 1e-10, "atol": 1e-10}
 F16 = {"rtol": 1e-2, "atol": 1e-2}
 BF16 = {"rtol": 3e-2, "atol": 3e-2}
@@ -55,14 +53,6 @@ SHAPES_AND_AXES = [
 ]
 
 
-def _data(rng, shape, loc=2.0, scale=3.0, dtype="float32"):
-    return rng.normal(loc, scale, shape).astype(dtype)
-
-
-def _as64(value):
-    return ops.convert_to_numpy(value).astype(np.float64)
-
-
 @pytest.mark.parametrize("shape, axis", SHAPES_AND_AXES)
 def test_training_and_inference_match_reference(shape, axis, rng, set_random_weights):
     momentum, epsilon = 0.9, 1e-3
@@ -71,23 +61,23 @@ def test_training_and_inference_match_reference(shape, axis, rng, set_random_wei
     assert tuple(layer.moving_mean.shape) == reference.param_shape(shape, axis)
     mean, variance = w["moving_mean"], w["moving_variance"]
     for _ in range(3):
-        x = _data(rng, shape)
+        x = random_inputs(rng, shape)
         y = layer(x, training=True)
         expected, batch_mean, batch_var, _ = reference.train_transform(
             x, w["gamma"], w["beta"], epsilon, axis
         )
-        np.testing.assert_allclose(_as64(y), expected, **F32)
+        np.testing.assert_allclose(as64(y), expected, **F32)
         mean = reference.ema(mean, batch_mean, momentum)
         variance = reference.ema(variance, batch_var, momentum)
-        np.testing.assert_allclose(_as64(layer.moving_mean), mean, **F32)
-        np.testing.assert_allclose(_as64(layer.moving_variance), variance, **F32)
+        np.testing.assert_allclose(as64(layer.moving_mean), mean, **F32)
+        np.testing.assert_allclose(as64(layer.moving_variance), variance, **F32)
 
-    x = _data(rng, shape)
+    x = random_inputs(rng, shape)
     expected = reference.normalize(
         x, mean, variance, w["gamma"], w["beta"], epsilon, axis
     )
-    np.testing.assert_allclose(_as64(layer(x, training=False)), expected, **F32)
-    np.testing.assert_allclose(_as64(layer(x)), expected, **F32)
+    np.testing.assert_allclose(as64(layer(x, training=False)), expected, **F32)
+    np.testing.assert_allclose(as64(layer(x)), expected, **F32)
 
 
 @pytest.mark.parametrize(
@@ -98,23 +88,23 @@ def test_center_and_scale_off(center, scale, rng, set_random_weights):
     layer = BatchNorm(center=center, scale=scale)
     w = set_random_weights(layer, shape)
     assert ("gamma" in w) == scale and ("beta" in w) == center
-    x = _data(rng, shape)
+    x = random_inputs(rng, shape)
     gamma, beta = w.get("gamma"), w.get("beta")
     expected = reference.normalize(
         x, w["moving_mean"], w["moving_variance"], gamma, beta, epsilon, axis
     )
-    np.testing.assert_allclose(_as64(layer(x, training=False)), expected, **F32)
+    np.testing.assert_allclose(as64(layer(x, training=False)), expected, **F32)
     expected, *_ = reference.train_transform(x, gamma, beta, epsilon, axis)
-    np.testing.assert_allclose(_as64(layer(x, training=True)), expected, **F32)
+    np.testing.assert_allclose(as64(layer(x, training=True)), expected, **F32)
 
 
 @pytest.mark.parametrize("training", [False, None])
 def test_inference_updates_nothing(training, rng, set_random_weights):
     layer = BatchNorm()
     w = set_random_weights(layer, (16, 5))
-    layer(_data(rng, (16, 5)), training=training)
-    np.testing.assert_array_equal(_as64(layer.moving_mean), w["moving_mean"])
-    np.testing.assert_array_equal(_as64(layer.moving_variance), w["moving_variance"])
+    layer(random_inputs(rng, (16, 5)), training=training)
+    np.testing.assert_array_equal(as64(layer.moving_mean), w["moving_mean"])
+    np.testing.assert_array_equal(as64(layer.moving_variance), w["moving_variance"])
 
 
 def test_trainable_false_means_inference(rng, set_random_weights):
@@ -122,31 +112,31 @@ def test_trainable_false_means_inference(rng, set_random_weights):
     w = set_random_weights(layer, (16, 5))
     layer.trainable = False
     assert layer.trainable_weights == [] and len(layer.non_trainable_weights) == 4
-    x = _data(rng, (16, 5))
+    x = random_inputs(rng, (16, 5))
     expected = reference.normalize(
         x, w["moving_mean"], w["moving_variance"], w["gamma"], w["beta"], 1e-3, -1
     )
-    np.testing.assert_allclose(_as64(layer(x, training=True)), expected, **F32)
-    np.testing.assert_array_equal(_as64(layer.moving_mean), w["moving_mean"])
-    np.testing.assert_array_equal(_as64(layer.moving_variance), w["moving_variance"])
+    np.testing.assert_allclose(as64(layer(x, training=True)), expected, **F32)
+    np.testing.assert_array_equal(as64(layer.moving_mean), w["moving_mean"])
+    np.testing.assert_array_equal(as64(layer.moving_variance), w["moving_variance"])
 
     layer.trainable = True
     expected, *_ = reference.train_transform(x, w["gamma"], w["beta"], 1e-3, -1)
-    np.testing.assert_allclose(_as64(layer(x, training=True)), expected, **F32)
-    assert not np.allclose(_as64(layer.moving_mean), w["moving_mean"])
+    np.testing.assert_allclose(as64(layer(x, training=True)), expected, **F32)
+    assert not np.allclose(as64(layer.moving_mean), w["moving_mean"])
 
 
 def test_momentum_zero_and_one(rng):
-    x = _data(rng, (32, 4))
+    x = random_inputs(rng, (32, 4))
     _, mean, variance, _ = reference.train_transform(x, None, None, 1e-3, -1)
     fast = BatchNorm(momentum=0.0)
     fast(x, training=True)
-    np.testing.assert_allclose(_as64(fast.moving_mean), mean, **F32)
-    np.testing.assert_allclose(_as64(fast.moving_variance), variance, **F32)
+    np.testing.assert_allclose(as64(fast.moving_mean), mean, **F32)
+    np.testing.assert_allclose(as64(fast.moving_variance), variance, **F32)
     frozen = BatchNorm(momentum=1.0)
     frozen(x, training=True)
-    np.testing.assert_array_equal(_as64(frozen.moving_mean), np.zeros(4))
-    np.testing.assert_array_equal(_as64(frozen.moving_variance), np.ones(4))
+    np.testing.assert_array_equal(as64(frozen.moving_mean), np.zeros(4))
+    np.testing.assert_array_equal(as64(frozen.moving_variance), np.ones(4))
 
 
 @pytest.mark.parametrize("batch", [64, 7])
@@ -156,8 +146,8 @@ def test_single_example_inference_equals_batch_inference(
     layer = BatchNorm(axis=1)
     set_random_weights(layer, (batch, 3, 4))
     for _ in range(3):
-        layer(_data(rng, (batch, 3, 4)), training=True)
-    x = _data(rng, (batch, 3, 4))
+        layer(random_inputs(rng, (batch, 3, 4)), training=True)
+    x = random_inputs(rng, (batch, 3, 4))
     whole = ops.convert_to_numpy(layer(x, training=False))
     for i in (0, batch // 2, batch - 1):
         single = ops.convert_to_numpy(layer(x[i : i + 1], training=False))
@@ -171,7 +161,7 @@ def test_training_gradients_match_reference(
 ):
     layer = BatchNorm(axis=axis, scale=scale)
     w = set_random_weights(layer, shape)
-    x = _data(rng, shape)
+    x = random_inputs(rng, shape)
     dy = rng.normal(size=shape)
     y, dx, grads = call_with_gradients(layer, x, dy)
     gamma = w.get("gamma")
@@ -195,7 +185,7 @@ def test_inference_gradients_match_reference(
     shape, axis = (8, 3, 4), 1
     layer = BatchNorm(axis=axis)
     w = set_random_weights(layer, shape)
-    x = _data(rng, shape)
+    x = random_inputs(rng, shape)
     dy = rng.normal(size=shape)
     _, dx, grads = call_with_gradients(layer, x, dy, training=False)
     inv = reference.expand(1.0 / np.sqrt(w["moving_variance"] + 1e-3), shape, axis)
@@ -225,31 +215,31 @@ def test_dtypes(input_dtype, layer_dtype, output_dtype, tol, rng, set_random_wei
     shape, axis = (16, 3, 4), (1, 2)
     layer = BatchNorm(axis=axis, momentum=0.5, dtype=layer_dtype)
     w = set_random_weights(layer, shape)
-    x = _data(rng, shape, dtype=input_dtype)
+    x = random_inputs(rng, shape, dtype=input_dtype)
     y = layer(x, training=True)
     assert keras.backend.standardize_dtype(y.dtype) == output_dtype
     expected, mean, variance, _ = reference.train_transform(
         x, w["gamma"], w["beta"], 1e-3, axis
     )
-    np.testing.assert_allclose(_as64(y), expected, **tol)
+    np.testing.assert_allclose(as64(y), expected, **tol)
     # Statistics are at least float32, whatever the input.
     stat_tol = (
         F64 if layer_dtype == "float64" else F16 if layer_dtype == "float16" else F32
     )
     expected_mean = reference.ema(w["moving_mean"], mean, 0.5)
-    np.testing.assert_allclose(_as64(layer.moving_mean), expected_mean, **stat_tol)
+    np.testing.assert_allclose(as64(layer.moving_mean), expected_mean, **stat_tol)
     y = layer(x, training=False)
     assert keras.backend.standardize_dtype(y.dtype) == output_dtype
     expected = reference.normalize(
         x,
-        _as64(layer.moving_mean),
-        _as64(layer.moving_variance),
+        as64(layer.moving_mean),
+        as64(layer.moving_variance),
         w["gamma"],
         w["beta"],
         1e-3,
         axis,
     )
-    np.testing.assert_allclose(_as64(y), expected, **tol)
+    np.testing.assert_allclose(as64(y), expected, **tol)
 
 
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
@@ -272,15 +262,15 @@ def test_float16_inputs_near_float16_max(dtype, rng):
     assert np.isinf(np.square(x)).all()
     expected, mean, variance, _ = reference.train_transform(x, None, None, 1e-3, -1)
     layer = BatchNorm(momentum=0.0, dtype=dtype)
-    y = _as64(layer(x, training=True))
+    y = as64(layer(x, training=True))
     assert np.isfinite(y).all()
     np.testing.assert_allclose(y, expected, **F16)
     # float16 statistics (plain float16 policy) hold 6e4 to within 16.
     stat_tol = F16 if dtype == "float16" else F32
-    np.testing.assert_allclose(_as64(layer.moving_mean), mean, **stat_tol)
-    np.testing.assert_allclose(_as64(layer.moving_variance), variance, **stat_tol)
+    np.testing.assert_allclose(as64(layer.moving_mean), mean, **stat_tol)
+    np.testing.assert_allclose(as64(layer.moving_variance), variance, **stat_tol)
     if dtype != "float16":
-        y = _as64(layer(x, training=False))
+        y = as64(layer(x, training=False))
         assert np.isfinite(y).all()
         np.testing.assert_allclose(y, expected, **F16)
 
@@ -288,26 +278,26 @@ def test_float16_inputs_near_float16_max(dtype, rng):
 def test_float32_inputs_above_float16_max_under_mixed_float16(rng):
     x = rng.normal(7e4, 100.0, size=(32, 3)).astype("float32")
     layer = BatchNorm(momentum=0.0, dtype="mixed_float16")
-    y = _as64(layer(x, training=True))
+    y = as64(layer(x, training=True))
     expected, mean, variance, _ = reference.train_transform(x, None, None, 1e-3, -1)
     assert np.isfinite(y).all()
     np.testing.assert_allclose(y, expected, **F16)
-    np.testing.assert_allclose(_as64(layer.moving_mean), mean, rtol=1e-6)
-    np.testing.assert_allclose(_as64(layer.moving_variance), variance, rtol=1e-4)
-    np.testing.assert_allclose(_as64(layer(x, training=False)), expected, **F16)
+    np.testing.assert_allclose(as64(layer.moving_mean), mean, rtol=1e-6)
+    np.testing.assert_allclose(as64(layer.moving_variance), variance, rtol=1e-4)
+    np.testing.assert_allclose(as64(layer(x, training=False)), expected, **F16)
 
 
 def test_large_mean_small_spread(rng):
     x = rng.normal(1e4, 1.0, size=(256, 4)).astype("float32")
     layer = BatchNorm(momentum=0.0)
-    y = _as64(layer(x, training=True))
+    y = as64(layer(x, training=True))
     expected, mean, variance, _ = reference.train_transform(x, None, None, 1e-3, -1)
     # One-pass E[x^2] - E[x]^2 in float32 is off by units here (ulp of 1e8 is
     # 8), so these bounds need the two-pass variance. The output bound, 1% of
     # the spread, leaves room for the float32 mean of 1e4-sized values.
     np.testing.assert_allclose(y, expected, rtol=0, atol=1e-2)
-    np.testing.assert_allclose(_as64(layer.moving_mean), mean, rtol=1e-6)
-    np.testing.assert_allclose(_as64(layer.moving_variance), variance, rtol=1e-3)
+    np.testing.assert_allclose(as64(layer.moving_mean), mean, rtol=1e-6)
+    np.testing.assert_allclose(as64(layer.moving_variance), variance, rtol=1e-3)
 
 
 @pytest.mark.parametrize("renorm", [False, True])
@@ -315,9 +305,9 @@ def test_variance_never_negative(renorm):
     # Identical values: any cancellation error would show as a negative variance.
     x = np.full((64, 5), 12345.678, "float32")
     layer = BatchNorm(momentum=0.0, renorm=renorm)
-    y = _as64(layer(x, training=True))
+    y = as64(layer(x, training=True))
     assert np.isfinite(y).all()
-    variance = _as64(layer.moving_variance)
+    variance = as64(layer.moving_variance)
     assert (variance >= 0.0).all()
     # Zero up to the float32 rounding of the mean of 12345.678 (ulp ~1e-3).
     np.testing.assert_allclose(variance, 0.0, atol=1e-4)
@@ -366,7 +356,7 @@ def test_regularizers(rng, set_random_weights):
         gamma_regularizer=keras.regularizers.L2(0.2),
     )
     w = set_random_weights(layer, (8, 3))
-    layer(_data(rng, (8, 3)), training=True)
+    layer(random_inputs(rng, (8, 3)), training=True)
     losses = sorted(float(ops.convert_to_numpy(loss)) for loss in layer.losses)
     expected = sorted([0.1 * np.abs(w["beta"]).sum(), 0.2 * (w["gamma"] ** 2).sum()])
     np.testing.assert_allclose(losses, expected, rtol=1e-6)
@@ -378,10 +368,10 @@ def test_constraints_are_applied_in_fit(rng):
     )
     model = keras.Sequential([keras.Input((3,)), layer])
     model.compile(optimizer=keras.optimizers.SGD(1.0), loss="mse")
-    x = _data(rng, (32, 3))
+    x = random_inputs(rng, (32, 3))
     model.fit(x, x * 0.0 - 5.0, batch_size=8, epochs=1, verbose=0)
-    assert (_as64(layer.beta) >= 0.0).all()
-    assert np.linalg.norm(_as64(layer.gamma)) <= 0.5 + 1e-6
+    assert (as64(layer.beta) >= 0.0).all()
+    assert np.linalg.norm(as64(layer.gamma)) <= 0.5 + 1e-6
 
 
 @pytest.mark.parametrize("kwargs", [{"momentum": None}, {"debias": True}])

@@ -18,11 +18,11 @@ import textwrap
 import keras
 import numpy as np
 import pytest
-import reference
 
 from bn_keras import BatchNorm, fold_batch_norms
+from tests import reference
+from tests.bn_keras.helpers import BACKEND
 
-BACKEND = keras.backend.backend()
 L = keras.layers
 
 # Largest error relative to the largest output, max|y - ref| / max|ref|, for

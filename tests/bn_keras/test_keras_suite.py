@@ -14,8 +14,6 @@ from keras.src import testing
 
 from bn_keras import BatchNorm
 
-BACKEND = keras.backend.backend()
-
 
 class KerasBatchNormalizationTests(testing.TestCase):
     def test_bn_basics(self):

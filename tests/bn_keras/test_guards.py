@@ -9,22 +9,16 @@ they were, and inference stays accurate at large means.
 import keras
 import numpy as np
 import pytest
-import reference
-from keras import ops
 
 from bn_keras import BatchNorm, recompute_statistics
+from tests import reference
+from tests.bn_keras.helpers import BACKEND, F32, as64, tensorflow_only
 
-BACKEND = keras.backend.backend()
-F32 = {"rtol": 1e-5, "atol": 1e-5}
-TF_ONLY = pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.function case.")
-
-
-def _as64(value):
-    return ops.convert_to_numpy(value).astype(np.float64)
+TF_ONLY = tensorflow_only("tf.function case.")
 
 
 def _statistics(layer):
-    return _as64(layer.moving_mean), _as64(layer.moving_variance)
+    return as64(layer.moving_mean), as64(layer.moving_variance)
 
 
 def _fit_on_61(bn, jit_compile=False):
@@ -92,7 +86,7 @@ def test_tf_function_with_an_unknown_batch_size(jit_compile):
     # A proper batch through the same graph still updates them.
     batch = np.arange(12, dtype="float32").reshape(4, 3)
     step(batch)
-    np.testing.assert_allclose(_as64(layer.moving_mean), 0.5 * batch.mean(0), **F32)
+    np.testing.assert_allclose(as64(layer.moving_mean), 0.5 * batch.mean(0), **F32)
 
 
 def test_jax_jit_or_torch_batch_of_one_raises():
@@ -170,14 +164,14 @@ def test_non_finite_batch_leaves_those_features_alone(kwargs, bad, rng):
     layer = BatchNorm(**kwargs)
     clean = rng.normal(1.0, 2.0, (8, 4)).astype("float32")
     layer(clean, training=True)
-    before = {v.name: _as64(v) for v in layer.non_trainable_weights}
+    before = {v.name: as64(v) for v in layer.non_trainable_weights}
     dirty = rng.normal(1.0, 2.0, (8, 4)).astype("float32")
     dirty[3, 2] = bad  # feature 2 only
     layer(dirty, training=True)
     for variable in layer.non_trainable_weights:
         if variable.name == "num_batches":
             continue  # other features did update
-        after = _as64(variable)
+        after = as64(variable)
         assert np.isfinite(after).all(), variable.name
         np.testing.assert_array_equal(after[2], before[variable.name][2])
         assert not np.array_equal(after[[0, 1, 3]], before[variable.name][[0, 1, 3]])
@@ -191,7 +185,7 @@ def test_a_nan_batch_does_not_poison_later_inference(rng):
     layer(nan_batch, training=True)
     for _ in range(50):
         layer(rng.normal(size=(16, 4)).astype("float32"), training=True)
-    outputs = _as64(layer(rng.normal(size=(100, 4)).astype("float32")))
+    outputs = as64(layer(rng.normal(size=(100, 4)).astype("float32")))
     assert np.isfinite(outputs).all()
 
 
@@ -201,7 +195,7 @@ def test_finite_batches_equal_keras_exactly(rng):
     for step in range(5):
         x = rng.normal(step, 2.0, (16, 4)).astype("float32")
         np.testing.assert_allclose(
-            _as64(ours(x, training=True)), _as64(theirs(x, training=True)), **F32
+            as64(ours(x, training=True)), as64(theirs(x, training=True)), **F32
         )
     for a, b in zip(_statistics(ours), _statistics(theirs), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
@@ -224,11 +218,11 @@ def test_nan_padding_under_a_mask_does_not_leak(rng):
     mask[:, 0] = True
     padded = np.where(mask[..., None], x, np.nan).astype("float32")
     layer = BatchNorm(momentum=0.0)
-    y = _as64(layer(padded, training=True, mask=mask))
+    y = as64(layer(padded, training=True, mask=mask))
     assert np.isfinite(y[mask]).all()
     mean, variance, _ = reference.moments(x, -1, mask)
-    np.testing.assert_allclose(_as64(layer.moving_mean), mean, **F32)
-    np.testing.assert_allclose(_as64(layer.moving_variance), variance, **F32)
+    np.testing.assert_allclose(as64(layer.moving_mean), mean, **F32)
+    np.testing.assert_allclose(as64(layer.moving_variance), variance, **F32)
 
 
 @pytest.mark.parametrize("shape", [(4, 3, 5), (4, 3, 5, 6)], ids=["rank3", "rank4"])
@@ -238,8 +232,8 @@ def test_keras_mask_for_a_channels_first_axis(shape, rng):
     mask = rng.random(shape[:-1]) < 0.7
     ours, theirs = BatchNorm(axis=1), keras.layers.BatchNormalization(axis=1)
     np.testing.assert_allclose(
-        _as64(ours(x, training=True, mask=mask)),
-        _as64(theirs(x, training=True, mask=mask)),
+        as64(ours(x, training=True, mask=mask)),
+        as64(theirs(x, training=True, mask=mask)),
         rtol=1e-4,
         atol=1e-4,
     )
@@ -260,7 +254,7 @@ def test_masking_layer_upstream_of_a_channels_first_bn(rng):
     expected = [
         x[:, t][valid[:, t]].mean() if valid[:, t].any() else 0.0 for t in range(6)
     ]
-    np.testing.assert_allclose(_as64(model.layers[-1].moving_mean), expected, **F32)
+    np.testing.assert_allclose(as64(model.layers[-1].moving_mean), expected, **F32)
 
 
 @pytest.mark.parametrize("make", [BatchNorm, keras.layers.BatchNormalization])
@@ -271,8 +265,8 @@ def test_recompute_statistics_repairs_a_nan_state(make, rng):
     bn.moving_variance.assign(np.full(4, np.inf, "float32"))
     x = rng.normal(3.0, 2.0, (120, 4)).astype("float32")
     recompute_statistics(model, x, batch_size=40, progress=False)
-    np.testing.assert_allclose(_as64(bn.moving_mean), x.mean(0), rtol=1e-5)
-    np.testing.assert_allclose(_as64(bn.moving_variance), x.var(0), rtol=1e-5)
+    np.testing.assert_allclose(as64(bn.moving_mean), x.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(as64(bn.moving_variance), x.var(0), rtol=1e-5)
 
 
 def test_recompute_statistics_refuses_non_finite_data(rng):
@@ -292,7 +286,7 @@ def test_inference_at_a_large_mean_is_accurate(rng):
     layer = BatchNorm(momentum=0.0)
     layer(x, training=True)
     mean, variance = _statistics(layer)
-    y = _as64(layer(x, training=False))
+    y = as64(layer(x, training=False))
     expected = reference.normalize(x, mean, variance, None, None, 1e-3, -1)
     np.testing.assert_allclose(y, expected, rtol=0, atol=1e-3)
     # Control: the usual fold x * a + (beta - mean * a) in float32 (Keras'

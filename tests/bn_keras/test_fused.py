@@ -13,19 +13,13 @@ import os
 import keras
 import numpy as np
 import pytest
-import reference
-from keras import ops
 
 from bn_keras import BatchNorm
+from tests import reference
+from tests.bn_keras.helpers import BACKEND, F32, as64, tensorflow_only
 
-BACKEND = keras.backend.backend()
-TF_ONLY = pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's kernel.")
-F32 = {"rtol": 1e-5, "atol": 1e-5}
+TF_ONLY = tensorflow_only("TensorFlow's kernel.")
 KERNEL = "FusedBatchNormV3"
-
-
-def _as64(value):
-    return ops.convert_to_numpy(value).astype(np.float64)
 
 
 def _graph_ops(layer, x, training, mask=None):
@@ -150,9 +144,9 @@ def test_fused_training_matches_the_reference_and_the_unfused_path(
                 np.testing.assert_allclose(grads["gamma"], dgamma, rtol=1e-4, atol=1e-3)
             if beta is not None:
                 np.testing.assert_allclose(grads["beta"], dbeta, rtol=1e-4, atol=1e-3)
-            np.testing.assert_allclose(_as64(layer.moving_mean), population.mean, **F32)
+            np.testing.assert_allclose(as64(layer.moving_mean), population.mean, **F32)
             np.testing.assert_allclose(
-                _as64(layer.moving_variance), population.variance, **F32
+                as64(layer.moving_variance), population.variance, **F32
             )
             results[fused] = (got_y, got_dx)
         for a, b in zip(results[True], results[False], strict=True):
@@ -162,7 +156,7 @@ def test_fused_training_matches_the_reference_and_the_unfused_path(
         x, population.mean, population.variance, gamma, beta, epsilon, axis
     )
     for layer in layers.values():
-        np.testing.assert_allclose(_as64(layer(x, training=False)), expected, **F32)
+        np.testing.assert_allclose(as64(layer(x, training=False)), expected, **F32)
 
 
 @TF_ONLY
@@ -173,10 +167,10 @@ def test_fused_training_matches_keras(rng):
     for _ in range(5):
         x = rng.normal(-2.0, 4.0, shape).astype("float32")
         np.testing.assert_allclose(
-            _as64(ours(x, training=True)), _as64(theirs(x, training=True)), **F32
+            as64(ours(x, training=True)), as64(theirs(x, training=True)), **F32
         )
     for a, b in zip(ours.weights, theirs.weights, strict=True):
-        np.testing.assert_allclose(_as64(a), _as64(b), **F32)
+        np.testing.assert_allclose(as64(a), as64(b), **F32)
 
 
 @TF_ONLY
@@ -195,8 +189,8 @@ def test_fused_guards_hold_in_fit(jit_compile):
         with pytest.raises(Exception, match="single value per feature"):
             model.fit(x, x, batch_size=60, epochs=1, verbose=0, shuffle=False)
     first = x[:60].reshape(60, 4)
-    np.testing.assert_allclose(_as64(bn.moving_mean), first.mean(0), **F32)
-    np.testing.assert_allclose(_as64(bn.moving_variance), first.var(0), **F32)
+    np.testing.assert_allclose(as64(bn.moving_mean), first.mean(0), **F32)
+    np.testing.assert_allclose(as64(bn.moving_variance), first.var(0), **F32)
 
 
 @TF_ONLY
@@ -212,8 +206,8 @@ def test_fused_batch_of_one_through_an_unknown_batch_size():
 
     with pytest.raises(tf.errors.InvalidArgumentError, match="single value"):
         step(np.array([[1.0, 2.0, 3.0]], "float32"))
-    np.testing.assert_array_equal(_as64(layer.moving_mean), np.zeros(3))
-    np.testing.assert_array_equal(_as64(layer.moving_variance), np.ones(3))
+    np.testing.assert_array_equal(as64(layer.moving_mean), np.zeros(3))
+    np.testing.assert_array_equal(as64(layer.moving_variance), np.ones(3))
 
 
 @TF_ONLY
@@ -221,13 +215,13 @@ def test_fused_non_finite_batch_leaves_its_features(rng):
     layer = BatchNorm(momentum=0.5, fused=True)
     clean = rng.normal(size=(4, 3, 3, 2)).astype("float32")
     layer(clean, training=True)
-    before = _as64(layer.moving_mean), _as64(layer.moving_variance)
+    before = as64(layer.moving_mean), as64(layer.moving_variance)
     bad = rng.normal(size=(4, 3, 3, 2)).astype("float32")
     bad[1, 2, 0, 0] = np.nan
     layer(bad, training=True)
     # Channel 0 kept; channel 1 updated from the bad batch's own values.
     for got, old, new in zip(
-        (_as64(layer.moving_mean), _as64(layer.moving_variance)),
+        (as64(layer.moving_mean), as64(layer.moving_variance)),
         before,
         (bad[..., 1].mean(), bad[..., 1].var()),
         strict=True,
@@ -251,11 +245,11 @@ def test_fused_training_is_exact_at_large_means(rng, axis, mode):
     call = lambda x: layer(x, training=True)  # noqa: E731
     if mode != "eager":
         call = tf.function(call, jit_compile=mode == "xla")
-    y = _as64(call(x))
+    y = as64(call(x))
     expected, mean, variance, _ = reference.train_transform(x, None, None, 1e-3, axis)
     np.testing.assert_allclose(y, expected, rtol=0, atol=1e-5)
-    np.testing.assert_allclose(_as64(layer.moving_mean), mean, rtol=1e-7)
-    np.testing.assert_allclose(_as64(layer.moving_variance), variance, rtol=1e-4)
+    np.testing.assert_allclose(as64(layer.moving_mean), mean, rtol=1e-7)
+    np.testing.assert_allclose(as64(layer.moving_variance), variance, rtol=1e-4)
 
 
 @TF_ONLY
@@ -269,14 +263,14 @@ def test_fused_inference_is_exact_at_large_means(rng):
     layer.moving_variance.assign(variance.astype("float32"))
     expected = reference.normalize(
         x,
-        _as64(layer.moving_mean),
-        _as64(layer.moving_variance),
+        as64(layer.moving_mean),
+        as64(layer.moving_variance),
         None,
         None,
         1e-3,
         -1,
     )
-    np.testing.assert_allclose(_as64(layer(x)), expected, atol=1e-5)
+    np.testing.assert_allclose(as64(layer(x)), expected, atol=1e-5)
 
 
 @TF_ONLY
@@ -315,7 +309,7 @@ def test_fused_true_needs_tensorflow(rng):
     x = rng.normal(size=(6, 4)).astype("float32")
     auto, off = BatchNorm(fused=None), BatchNorm(fused=False)
     np.testing.assert_array_equal(
-        _as64(auto(x, training=True)), _as64(off(x, training=True))
+        as64(auto(x, training=True)), as64(off(x, training=True))
     )
 
 
@@ -337,4 +331,4 @@ def test_fused_round_trips_through_config_and_saving(rng, tmp_path):
     model.save(path)
     loaded = keras.saving.load_model(path)
     assert loaded.layers[0].fused is fused
-    np.testing.assert_allclose(_as64(loaded(x)), _as64(model(x)), **F32)
+    np.testing.assert_allclose(as64(loaded(x)), as64(model(x)), **F32)

@@ -9,8 +9,6 @@ from keras import ops
 
 from bn_keras import BatchNorm
 
-BACKEND = keras.backend.backend()
-
 
 def _quoted(text):
     return re.escape(text)

@@ -6,25 +6,18 @@ import json
 import keras
 import numpy as np
 import pytest
-import reference
 from keras import ops
 
 import bn_keras
 from bn_keras import BatchNorm
+from tests import reference
+from tests.bn_keras.helpers import F32, as64, tensorflow_only
 
-BACKEND = keras.backend.backend()
-TF_ONLY = pytest.mark.skipif(
-    BACKEND != "tensorflow", reason="SavedModel export needs TensorFlow."
-)
-F32 = {"rtol": 1e-5, "atol": 1e-5}
+TF_ONLY = tensorflow_only("SavedModel export needs TensorFlow.")
 BATCH = 16
 
 
-def _as64(value):
-    return ops.convert_to_numpy(value).astype(np.float64)
-
-
-def _data(rng, n=64, features=4):
+def _regression_data(rng, n=64, features=4):
     x = rng.normal(3.0, 2.0, (n, features)).astype("float32")
     y = rng.normal(size=(n, 1)).astype("float32")
     return x, y
@@ -107,8 +100,8 @@ def _fit_evaluate_predict(model, norm, x, y, kwargs):
     model.fit(x, y, batch_size=BATCH, epochs=2, shuffle=False, verbose=0)
     batches = [x[i : i + BATCH] for i in range(0, len(x), BATCH)] * 2
     mean, variance = _expected_statistics(batches, kwargs)
-    np.testing.assert_allclose(_as64(norm.moving_mean), mean, **F32)
-    np.testing.assert_allclose(_as64(norm.moving_variance), variance, **F32)
+    np.testing.assert_allclose(as64(norm.moving_mean), mean, **F32)
+    np.testing.assert_allclose(as64(norm.moving_variance), variance, **F32)
 
     trained = [ops.convert_to_numpy(v) for v in norm.non_trainable_weights]
     model.evaluate(x, y, batch_size=BATCH, verbose=0)
@@ -116,16 +109,16 @@ def _fit_evaluate_predict(model, norm, x, y, kwargs):
     for before, variable in zip(trained, norm.non_trainable_weights, strict=True):
         np.testing.assert_array_equal(ops.convert_to_numpy(variable), before)
 
-    gamma = _as64(norm.gamma) if norm.scale else None
-    beta = _as64(norm.beta) if norm.center else None
+    gamma = as64(norm.gamma) if norm.scale else None
+    beta = as64(norm.beta) if norm.center else None
     normalized = reference.normalize(x, mean, variance, gamma, beta, 1e-3, -1)
-    kernel, bias = (_as64(w) for w in model.layers[-1].weights)
+    kernel, bias = (as64(w) for w in model.layers[-1].weights)
     np.testing.assert_allclose(predictions, normalized @ kernel + bias, **F32)
 
 
 @pytest.mark.parametrize("builder", BUILDERS)
 def test_fit_evaluate_predict(builder, rng):
-    x, y = _data(rng)
+    x, y = _regression_data(rng)
     kwargs = {"momentum": 0.8}
     model, norm = BUILDERS[builder](**kwargs)
     _fit_evaluate_predict(model, norm, x, y, kwargs)
@@ -144,7 +137,7 @@ def test_fit_evaluate_predict(builder, rng):
     ids=str,
 )
 def test_fit_with_options(kwargs, rng):
-    x, y = _data(rng)
+    x, y = _regression_data(rng)
     model, norm = _functional(**kwargs)
     _fit_evaluate_predict(model, norm, x, y, kwargs)
     if "num_batches" in [v.name for v in norm.weights]:
@@ -153,7 +146,7 @@ def test_fit_with_options(kwargs, rng):
 
 @pytest.mark.parametrize("builder", BUILDERS)
 def test_trainable_false_is_inference_inside_fit(builder, rng):
-    x, y = _data(rng)
+    x, y = _regression_data(rng)
     model, norm = BUILDERS[builder](momentum=0.5)
     norm.moving_mean.assign(np.arange(1.0, 5.0).astype("float32"))
     norm.moving_variance.assign(np.arange(4.0, 0.0, -1.0).astype("float32"))
@@ -170,7 +163,7 @@ def test_trainable_false_is_inference_inside_fit(builder, rng):
     assert not np.allclose(ops.convert_to_numpy(model.layers[-1].kernel), head)
     mean, variance = np.arange(1.0, 5.0), np.arange(4.0, 0.0, -1.0)
     expected = reference.normalize(x, mean, variance, None, None, 1e-3, -1)
-    np.testing.assert_allclose(_as64(norm(x, training=True)), expected, **F32)
+    np.testing.assert_allclose(as64(norm(x, training=True)), expected, **F32)
 
 
 def test_mixed_precision_model_fits(rng):
@@ -185,12 +178,12 @@ def test_mixed_precision_model_fits(rng):
         ]
     )
     model.compile(optimizer="sgd", loss="mse")
-    x, y = _data(rng)
+    x, y = _regression_data(rng)
     x = x * 100.0
     history = model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"]).all()
     assert [v.dtype for v in norm.weights] == ["float32"] * 4
-    assert np.isfinite(_as64(norm.moving_variance)).all()
+    assert np.isfinite(as64(norm.moving_variance)).all()
     outputs = norm(np.ones((2, 8), "float32"), training=True)
     assert keras.backend.standardize_dtype(outputs.dtype) == "float16"
 
@@ -318,7 +311,7 @@ def test_keras_file_round_trip(tmp_path, rng):
     for a, b in zip(
         model.non_trainable_weights, loaded.non_trainable_weights, strict=True
     ):
-        np.testing.assert_allclose(_as64(a), _as64(b), **F32)
+        np.testing.assert_allclose(as64(a), as64(b), **F32)
 
 
 @TF_ONLY

@@ -10,12 +10,15 @@ result of per-replica statistics, that must differ from the reference.
 
 The engines need a fresh process (devices are fixed when a framework starts)
 or several, so each test runs this file as a script, one process per worker:
-`python tests/test_distributed.py ENGINE FOLDER CASES RANK` writes that
-worker's results to `FOLDER/results-RANK.npz`. Workers talk over 127.0.0.1
-only, under a time limit, and are killed if still running when a test ends.
-Each test runs only under its own `KERAS_BACKEND`.
+`python tests/bn_keras/test_distributed.py ENGINE FOLDER CASES RANK` writes
+that worker's results to `FOLDER/results-RANK.npz`. Workers meet in the
+test's own temporary folder or on ports the test holds for them (never a port
+number that another test running at once could take), under a time limit,
+and are killed if still running when a test ends. Each test runs only under
+its own `KERAS_BACKEND`.
 """
 
+import contextlib
 import json
 import os
 import socket
@@ -27,15 +30,13 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-import reference
 
 from bn_keras import BatchNorm
+from tests import reference
+from tests.bn_keras.helpers import BACKEND, EPSILON, F32
 
-BACKEND = keras.backend.backend()
-ROOT = Path(__file__).resolve().parent.parent
-EPSILON = 1e-3
+ROOT = Path(__file__).resolve().parents[2]
 FEATURES = (3, 2)
-F32 = {"rtol": 1e-5, "atol": 1e-5}
 TIMEOUT_S = 180
 
 
@@ -45,7 +46,7 @@ def _only(backend):
     )
 
 
-def _data(sizes):
+def _global_batch(sizes):
     """The concatenated batch, a Keras-convention mask and the upstream gradient."""
     rng = np.random.default_rng(20150211)
     x = np.concatenate(
@@ -95,7 +96,7 @@ def _expected(case):
     """The single-process step over the concatenated batch, in float64."""
     kwargs = case["kwargs"]
     axis = kwargs.get("axis", -1)
-    x, mask, upstream = _data(case["sizes"])
+    x, mask, upstream = _global_batch(case["sizes"])
     mask = mask if case["mask"] else None
     gamma, beta = _parameters(reference.param_shape(x.shape, axis)[0])
     outputs, mean, variance, count = reference.train_transform(
@@ -122,7 +123,7 @@ def _expected(case):
 
 def _per_replica_moments(case):
     """Each replica's own mean and variance: what a replica-local layer sees."""
-    x, _, _ = _data(case["sizes"])
+    x, _, _ = _global_batch(case["sizes"])
     bounds = _bounds(case["sizes"])
     axes = reference.reduction_axes(case["kwargs"].get("axis", -1), x.ndim)
     parts = [
@@ -216,16 +217,26 @@ def _assert_not_mean_of_replicas(case, expected):
         assert not np.allclose(average, expected[name], rtol=0.1), name
 
 
-def _free_ports(count):
-    """Distinct free TCP ports on 127.0.0.1, from the OS (bind to port 0)."""
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        for s in sockets:
+@contextlib.contextmanager
+def _reserved_ports(count):
+    """Distinct free TCP ports, held by this process until the block ends.
+
+    Each port is chosen by the OS (bind to port 0) and stays bound by a socket
+    of ours with `SO_REUSEPORT` that never listens: while it is held, neither
+    another process's bind to port 0 nor an outgoing connection gets that
+    port, so there is no window between choosing it and a worker using it. A
+    worker's server that sets `SO_REUSEPORT` too (TensorFlow's gRPC server,
+    with `TF_GRPC_REUSE_PORT=1`) binds it alongside, and receives every
+    connection: only listening sockets do.
+    """
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            s = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
+            ports.append(s.getsockname()[1])
+        yield ports
 
 
 def _run_workers(engine, cases, folder, environments):
@@ -238,9 +249,7 @@ def _run_workers(engine, cases, folder, environments):
         **os.environ,
         "KERAS_BACKEND": BACKEND,
         "TF_CPP_MIN_LOG_LEVEL": "2",
-        "PYTHONPATH": os.pathsep.join(
-            [str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]
-        ),
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
     processes, logs = [], []
     try:
@@ -315,7 +324,7 @@ def _tf_worker(cases, rank):
 
     results = {}
     for index, case in enumerate(cases):
-        x, mask, upstream = _data(case["sizes"])
+        x, mask, upstream = _global_batch(case["sizes"])
         bounds = _bounds(case["sizes"])
 
         def split(value, bounds=bounds):
@@ -364,7 +373,7 @@ def _jax_worker(cases, rank):
 
     results = {}
     for index, case in enumerate(cases):
-        x, mask, upstream = _data(case["sizes"])
+        x, mask, upstream = _global_batch(case["sizes"])
         if case.get("fit"):
             layer = _layer(case)
             model = keras.Sequential(
@@ -438,13 +447,18 @@ def _torch_worker(cases, rank):
 
     from bn_keras import distributed
 
+    # The rendezvous is a file in the test's folder: no port to reserve.
     dist.init_process_group(
-        "gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=60)
+        "gloo",
+        init_method=Path(os.environ["RENDEZVOUS_FILE"]).as_uri(),
+        rank=rank,
+        world_size=2,
+        timeout=datetime.timedelta(seconds=60),
     )
     try:
         results = {}
         for index, case in enumerate(cases):
-            x, mask, upstream = _data(case["sizes"])
+            x, mask, upstream = _global_batch(case["sizes"])
             bounds = _bounds(case["sizes"])
             rows = slice(bounds[rank], bounds[rank + 1])
             layer = _layer(case)
@@ -501,19 +515,22 @@ def test_multi_worker_mirrored_strategy_statistics_are_global(tmp_path):
         _case((3, 7), mask=True, axis=1),
         _case((3, 7), synchronized=False),
     ]
-    workers = [f"127.0.0.1:{port}" for port in _free_ports(2)]
-    environments = [
-        {
-            "TF_CONFIG": json.dumps(
-                {
-                    "cluster": {"worker": workers},
-                    "task": {"type": "worker", "index": rank},
-                }
-            )
-        }
-        for rank in range(2)
-    ]
-    results = _run_workers("tensorflow", cases, tmp_path, environments)
+    with _reserved_ports(2) as ports:
+        workers = [f"127.0.0.1:{port}" for port in ports]
+        environments = [
+            {
+                "TF_CONFIG": json.dumps(
+                    {
+                        "cluster": {"worker": workers},
+                        "task": {"type": "worker", "index": rank},
+                    }
+                ),
+                # Lets each worker's gRPC server bind the port held for it.
+                "TF_GRPC_REUSE_PORT": "1",
+            }
+            for rank in range(2)
+        ]
+        results = _run_workers("tensorflow", cases, tmp_path, environments)
     _check(cases, results)
 
 
@@ -546,8 +563,7 @@ def test_torch_distributed_statistics_are_global(tmp_path):
         {**_case((3, 5)), "legacy_all_reduce": True},
         _case((3, 5), synchronized=False),
     ]
-    (port,) = _free_ports(1)
-    environment = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    environment = {"RENDEZVOUS_FILE": str(tmp_path / "rendezvous")}
     results = _run_workers("torch", cases, tmp_path, [environment] * 2)
     _check(cases, results)
 

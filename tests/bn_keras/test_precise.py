@@ -6,6 +6,7 @@ import pytest
 
 import bn_keras
 from bn_keras import BatchNorm, batch_norm_layers, recompute_statistics
+from tests import reference
 
 IMPLEMENTATIONS = {
     "bn_keras": lambda: BatchNorm(momentum=0.9),
@@ -38,14 +39,17 @@ def _dense(model, name, x):
     return x @ _np(layer.kernel) + _np(layer.bias)
 
 
-def _train_mode_bn(h, batch_size, layer, eps):
-    """NumPy: the first BN layer's training-mode output, batch by batch."""
-    out = []
-    for start in range(0, len(h), batch_size):
-        b = h[start : start + batch_size]
-        y = (b - b.mean(0)) / np.sqrt(b.var(0) + eps)
-        out.append(y * _np(layer.gamma) + _np(layer.beta))
-    return np.concatenate(out)
+def _train_mode_bn(h, batch_size, layer):
+    """NumPy: `layer`'s training-mode output on `h`, batch by batch."""
+    gamma, beta = _np(layer.gamma), _np(layer.beta)
+    return np.concatenate(
+        [
+            reference.train_transform(
+                h[i : i + batch_size], gamma, beta, layer.epsilon, -1
+            )[0]
+            for i in range(0, len(h), batch_size)
+        ]
+    )
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
@@ -72,7 +76,7 @@ def test_statistics_are_those_of_the_data(impl, rng):
     # batch renormalization corrects with r and d: not modelled here).
     if impl == "bn_keras_renorm":
         return
-    h2 = _dense(model, "dense_2", np.tanh(_train_mode_bn(h1, 20, first, first.epsilon)))
+    h2 = _dense(model, "dense_2", np.tanh(_train_mode_bn(h1, 20, first)))
     np.testing.assert_allclose(
         _np(second.moving_mean), h2.mean(0), rtol=1e-4, atol=1e-4
     )
