@@ -101,7 +101,7 @@ def fold_batch_norms(model: keras.Model, strict: bool = False) -> keras.Model:
 
     Returns:
         A new model of the same kind (Sequential or functional) with the
-        folded BN layers removed.
+            folded BN layers removed.
 
     Raises:
         ValueError: If `model` is not a Keras model, is a subclassed model

@@ -66,7 +66,7 @@ def unavailable(epsilon: float) -> str | None:
 
     Returns:
         The reason, to complete "the fused kernel cannot be used: ...", or
-        None.
+            None.
     """
     backend = keras.backend.backend()
     if backend != "tensorflow":
@@ -229,7 +229,7 @@ def in_inference(plan: Plan, x) -> bool:
 
     Returns:
         True if the kernel normalizes `x` (float32 inputs only; float64
-        takes the unfused path silently, even with `fused=True`).
+            takes the unfused path silently, even with `fused=True`).
     """
     return (
         plan.data_format is not None
@@ -290,8 +290,8 @@ def train(x, data_format, gamma, beta, epsilon):
 
     Returns:
         `(outputs, mean, variance)`: the batch mean and the biased batch
-        variance, without gradient (they feed the population statistics
-        only).
+            variance, without gradient (they feed the population statistics
+            only).
     """
     import tensorflow as tf
 

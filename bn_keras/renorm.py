@@ -113,7 +113,7 @@ class Renorm:
 
         Returns:
             `moving_stddev**2 - epsilon` (floored at 0) from the updated
-            `moving_stddev`: the value of `moving_variance` where `ok`.
+                `moving_stddev`: the value of `moving_variance` where `ok`.
         """
         stddev = ops.sqrt(variance + self.epsilon)
         momentum = self.momentum

@@ -33,7 +33,7 @@ def batch_contribution(moments, param_shape, unbiased_variance, ghosts):
 
     Returns:
         `(mean, variance, ok)`: `ok` is False for features whose statistics
-        must stay as they are.
+            must stay as they are.
     """
     mean = moments.mean + moments.shift
     variance = moments.variance

@@ -170,8 +170,8 @@ class TimestepBatchNorm(BatchNorm):
 
         Returns:
             `(mean, variance)`, each of shape `(steps, features...)`;
-            timesteps from `max_timesteps` on get the statistics of the last
-            slot.
+                timesteps from `max_timesteps` on get the statistics of the last
+                slot.
         """
         index = _clamped_steps(steps, self.max_timesteps)
         return (

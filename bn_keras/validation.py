@@ -143,7 +143,7 @@ def clone_initializer(initializer: Any) -> Any:
 
     Returns:
         A new instance with the same configuration; a callable that is not a
-        `keras.initializers.Initializer` is returned as it is.
+            `keras.initializers.Initializer` is returned as it is.
     """
     if isinstance(initializer, initializers.Initializer):
         return initializer.__class__.from_config(initializer.get_config())
