@@ -1,8 +1,7 @@
-"""The LeNet-BN experiment (d2l 7.5): its BN maths, folding, data and command line."""
+"""The LeNet-BN experiment (experiments/lenet_bn, d2l 7.5): its BN maths,
+folding, data and command line."""
 
 import gzip
-import json
-from pathlib import Path
 
 import keras
 import numpy as np
@@ -10,33 +9,33 @@ import pytest
 
 import bn_keras
 from experiments.common import data as data_lib
-from experiments import lenet_bn
+from experiments.common.metrics import (
+    BATCH_STATS,
+    DEBIASED_EMA,
+    EMA,
+    METRICS_FILE,
+    PRECISE,
+)
+from experiments.lenet_bn import main as lenet_bn
 from experiments.lenet_bn import models as lm
 from experiments.lenet_bn import train as lt
-from experiments.common.config import CONFIG_DIR
-from experiments.common.metrics import BATCH_STATS, DEBIASED_EMA, EMA, PRECISE
-
-SMOKE = CONFIG_DIR / "lenet_bn_smoke.toml"
-
-
-def _reject(name):
-    raise ValueError(f"{name} in strict JSON")
-
-
-def strict_json(path):
-    return json.loads(Path(path).read_text(), parse_constant=_reject)
+from experiments.lenet_bn.plots import FIGURES, plot_all
+from tests import reference
+from tests.experiments.helpers import (
+    assert_outputs_whole,
+    idx_bytes,
+    strict_json,
+)
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("lenet") / "run"
-    assert lenet_bn.main(["--config", str(SMOKE), "--out", str(out), "--quiet"]) == 0
-    return out, strict_json(out / "metrics.json")
+def lenet_run(smoke_run):
+    return smoke_run("lenet_bn")
 
 
-def test_end_to_end(smoke_run):
-    out, metrics = smoke_run
-    names = ["config.json", "summary.md", "curves.png", "statistics.png"]
+def test_end_to_end(lenet_run):
+    out, metrics = lenet_run
+    names = ["config.json", "summary.md", *FIGURES]
     names += [f"{v}.keras" for v in lm.VERSIONS]
     names += ["bn_keras_folded.keras", "keras_folded.keras"]
     for name in names:
@@ -61,9 +60,16 @@ def test_end_to_end(smoke_run):
     assert "| plain LeNet (no BN) |" in summary
 
 
-def test_versions_train_alike(smoke_run):
+def test_figures_are_drawn_from_the_metrics_file_alone(lenet_run, tmp_path):
+    out, _ = lenet_run
+    assert plot_all(out / METRICS_FILE, tmp_path) == [tmp_path / n for n in FIGURES]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(FIGURES)
+    assert_outputs_whole(tmp_path)
+
+
+def test_versions_train_alike(lenet_run):
     # Same initial weights, same batches, the same maths in three layers.
-    _, metrics = smoke_run
+    _, metrics = lenet_run
     losses = [metrics["versions"][v]["train_loss"] for v in lm.VERSIONS[:3]]
     np.testing.assert_allclose(losses[0], losses[1], rtol=1e-3)
     np.testing.assert_allclose(losses[1], losses[2], rtol=1e-3)
@@ -71,8 +77,8 @@ def test_versions_train_alike(smoke_run):
     np.testing.assert_allclose(gammas[0], gammas[2], atol=1e-4)
 
 
-def test_folded_equals_unfolded(smoke_run):
-    out, metrics = smoke_run
+def test_folded_equals_unfolded(lenet_run):
+    out, metrics = lenet_run
     for version in (lm.BN_KERAS, lm.KERAS):
         fold = metrics["fold"][version]
         assert fold["predictions_identical"], version
@@ -94,16 +100,16 @@ def test_folded_equals_unfolded(smoke_run):
 
 
 def _reference(x, gamma, beta, mean, var, eps, momentum, training):
-    """d2l's batch_norm in NumPy float64."""
-    x = x.astype(np.float64)
+    """d2l's batch_norm from the paper's formulas (tests.reference), with
+    d2l's momentum: the weight of the new batch's moments."""
     if training:
-        axes = tuple(range(x.ndim - 1))
-        batch_mean, batch_var = x.mean(axis=axes), x.var(axis=axes)
-        y = gamma * (x - batch_mean) / np.sqrt(batch_var + eps) + beta
-        mean = (1 - momentum) * mean + momentum * batch_mean
-        var = (1 - momentum) * var + momentum * batch_var
+        y, batch_mean, batch_var, _ = reference.train_transform(
+            x, gamma, beta, eps, axis=-1
+        )
+        mean = reference.ema(mean, batch_mean, 1 - momentum)
+        var = reference.ema(var, batch_var, 1 - momentum)
         return y, mean, var
-    return gamma * (x - mean) / np.sqrt(var + eps) + beta, mean, var
+    return reference.normalize(x, mean, var, gamma, beta, eps, axis=-1), mean, var
 
 
 @pytest.mark.parametrize("shape", [(16, 5), (8, 6, 6, 3)], ids=["dense", "conv"])
@@ -203,12 +209,6 @@ def test_debias_is_what_batch_norm_debias_holds(rng):
             )
 
 
-def _idx(array, magic):
-    dims = array.shape
-    header = b"".join(int(d).to_bytes(4, "big") for d in (magic, *dims))
-    return header + array.astype(np.uint8).tobytes()
-
-
 @pytest.fixture
 def fashion_folder(tmp_path, monkeypatch):
     """Small Fashion-MNIST-like IDX files (gzipped), counts patched in."""
@@ -224,7 +224,7 @@ def fashion_folder(tmp_path, monkeypatch):
             ("labels-idx1", labels, 2049),
         ):
             name = f"{split}-{kind}-ubyte"
-            (folder / f"{name}.gz").write_bytes(gzip.compress(_idx(array, magic)))
+            (folder / f"{name}.gz").write_bytes(gzip.compress(idx_bytes(array, magic)))
             # Counts as a full copy would hold; no MNIST checksum can match.
             monkeypatch.setitem(data_lib._EXPECTED, name, (count, "0" * 32))
     return folder
@@ -251,7 +251,7 @@ def test_fashion_mnist_idx_folder(fashion_folder, tmp_path):
 
 def test_fashion_mnist_folder_still_checks_headers(fashion_folder):
     path = fashion_folder / "t10k-labels-idx1-ubyte.gz"
-    path.write_bytes(gzip.compress(_idx(np.zeros(40), 2051)[:8] + bytes(40)))
+    path.write_bytes(gzip.compress(idx_bytes(np.zeros(40), 2051)[:8] + bytes(40)))
     with pytest.raises(data_lib.DataError, match="wrong magic number 2051"):
         data_lib.load_mnist("dir", fashion_folder, dataset="fashion_mnist")
 

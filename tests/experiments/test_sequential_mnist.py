@@ -1,46 +1,38 @@
-"""The sequential-MNIST experiment end to end on its smoke config."""
-
-import json
-from pathlib import Path
+"""The sequential-MNIST experiment (experiments/sequential_mnist) end to end
+on its smoke config."""
 
 import keras
 import numpy as np
 import pytest
 
 import bn_keras
+from experiments.common.config import load_config, shipped_configs
+from experiments.common.metrics import BATCH_STATS, METRICS_FILE
+from experiments.sequential_mnist import main as sequential_mnist
 from experiments.sequential_mnist import models as rm
-from experiments import sequential_mnist
-from experiments.common.config import CONFIG_DIR, load_config
-from experiments.common.data import load_mnist, select
-from tests.test_recurrent import reference_bn_lstm
-
-SMOKE = CONFIG_DIR / "sequential_mnist_smoke.toml"
-
-
-def _reject(name):
-    raise ValueError(f"{name} in strict JSON")
-
-
-def strict_json(path):
-    return json.loads(Path(path).read_text(), parse_constant=_reject)
+from experiments.sequential_mnist.config import (
+    PERMUTED_PIXELS,
+    PIXELS,
+    ROWS,
+    SCHEMA,
+    check_data,
+)
+from experiments.sequential_mnist.plots import FIGURES, plot_all
+from tests.experiments.helpers import assert_outputs_whole, load_data, strict_json
+from tests.reference import reference_bn_lstm
 
 
 @pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sequential") / "run"
-    argv = ["--config", str(SMOKE), "--out", str(out), "--quiet"]
-    assert sequential_mnist.main(argv) == 0
-    return out, strict_json(out / "metrics.json")
+def sequential_run(smoke_run):
+    return smoke_run("sequential_mnist")
 
 
 def _smoke_sequences(config):
-    data = select(
-        load_mnist(config["data_source"], config["data_dir"] or None),
-        config["train_examples"],
-        config["test_examples"],
-    )
     return rm.sequences(
-        data, config["task"], config["validation_examples"], config["seed"]
+        load_data(config),
+        config["task"],
+        config["validation_examples"],
+        config["seed"],
     )
 
 
@@ -60,14 +52,13 @@ def _statistics(norm):
     )
 
 
-def test_end_to_end(smoke_run):
-    out, metrics = smoke_run
+def test_end_to_end(sequential_run):
+    out, metrics = sequential_run
     for name in (
         "config.json",
         "metrics.json",
         "summary.md",
-        "accuracy.png",
-        "population_statistics.png",
+        *FIGURES,
         "lstm.keras",
         "bn_lstm.keras",
         "bn_lstm_precise.keras",
@@ -107,8 +98,8 @@ def test_end_to_end(smoke_run):
     assert "| each test batch's own statistics (batch 20) |" in summary
 
 
-def test_saved_models_reproduce_the_check(smoke_run):
-    out, metrics = smoke_run
+def test_saved_models_reproduce_the_check(sequential_run):
+    out, metrics = sequential_run
     sequences = _smoke_sequences(metrics["config"])
     check = metrics["inference_check"]
     for name, estimate in ((rm.BN_LSTM, rm.EMA), (rm.BN_LSTM_PRECISE, rm.PRECISE)):
@@ -118,11 +109,11 @@ def test_saved_models_reproduce_the_check(smoke_run):
         assert accuracy == check[estimate][rm.PER_TIMESTEP], name
 
 
-def test_recomputed_statistics_match_a_numpy_reference(smoke_run):
+def test_recomputed_statistics_match_a_numpy_reference(sequential_run):
     # Precise BN gives each timestep the moments of its pre-activations over
     # the drawn training sequences, batch by batch in training mode with the
     # trained weights: the mean of the batch means and the pooled variance.
-    out, metrics = smoke_run
+    out, metrics = sequential_run
     config = metrics["config"]
     batches, batch_size = config["precise_bn_batches"], config["batch_size"]
     ema = keras.saving.load_model(out / "bn_lstm.keras")
@@ -172,12 +163,12 @@ def test_sequences_of_each_task():
     )
     data.y_train = np.arange(3)
     data.x_test, data.y_test = data.x_train[:1], data.y_train[:1]
-    rows = rm.sequences(data, rm.ROWS, 1, 0)
+    rows = rm.sequences(data, ROWS, 1, 0)
     assert rows.x_train.shape == (2, 28, 28) and rows.x_validation.shape == (1, 28, 28)
     np.testing.assert_array_equal(rows.x_train[0, 1], data.x_train[0, 28:56])
-    pixels = rm.sequences(data, rm.PIXELS, 1, 0)
+    pixels = rm.sequences(data, PIXELS, 1, 0)
     assert pixels.x_test.shape == (1, 784, 1)
-    permuted = rm.sequences(data, rm.PERMUTED_PIXELS, 1, 0)
+    permuted = rm.sequences(data, PERMUTED_PIXELS, 1, 0)
     # One fixed permutation, the same for every image and split.
     order = np.random.default_rng([0, 784]).permutation(784)
     np.testing.assert_array_equal(permuted.x_train[1, :, 0], data.x_train[1, order])
@@ -197,14 +188,30 @@ def test_sequences_of_each_task():
     ],
 )
 def test_config_errors_are_one_line(override, message, tmp_path, capsys):
-    argv = ["--config", str(SMOKE), "--set", override, "--out", str(tmp_path / "r")]
+    argv = ["--config", "smoke", "--set", override, "--out", str(tmp_path / "r")]
     assert sequential_mnist.main(argv + ["--quiet"]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("error:") and message in error and "\n" not in error
 
 
 def test_shipped_configs_load():
+    assert shipped_configs(SCHEMA.configs_dir) == ["permuted", "pixels", "smoke"]
     for name in ("smoke", "pixels", "permuted"):
-        path = CONFIG_DIR / f"sequential_mnist_{name}.toml"
-        config = load_config(path, defaults=sequential_mnist.DEFAULTS)
-        sequential_mnist.check_config(config, 60000)
+        config = load_config(SCHEMA, name)
+        check_data(config, config["train_examples"] or 60000)
+
+
+def test_the_batch_statistics_result_has_the_shared_name(sequential_run):
+    """`inference_check.batch_stats`, the name of common.metrics.BATCH_STATS."""
+    _, metrics = sequential_run
+    assert rm.BATCH_STATS == BATCH_STATS == "batch_stats"
+    check = metrics["inference_check"]
+    assert set(check) == {"examples", BATCH_STATS, *rm.ESTIMATES}
+    assert "test_batch_statistics" not in check
+
+
+def test_figures_are_drawn_from_the_metrics_file_alone(sequential_run, tmp_path):
+    out, _ = sequential_run
+    assert plot_all(out / METRICS_FILE, tmp_path) == [tmp_path / n for n in FIGURES]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(FIGURES)
+    assert_outputs_whole(tmp_path)

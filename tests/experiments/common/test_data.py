@@ -1,4 +1,4 @@
-"""Tests for experiments/common/data.py: IDX parsing, checks, sources, error messages."""
+"""Tests for experiments/common/data.py: IDX parsing, checks, sources, errors."""
 
 import gzip
 import hashlib
