@@ -6,6 +6,7 @@ figures and a summary table into the folder.
 """
 
 import time
+import typing
 
 import keras
 import numpy as np
@@ -24,9 +25,26 @@ from experiments.common.metrics import (
     finite_or_none,
 )
 from experiments.common.mlp.evaluate import Evaluator, single_example_check
-from experiments.common.mlp.models import build_networks
+from experiments.common.mlp.models import Networks, build_networks
 from experiments.common.mlp.train import run_schedule, train_and_evaluate
 from experiments.mnist_mlp import plots, stacked
+
+
+class Trained(typing.NamedTuple):
+    """What training every seed gives.
+
+    Attributes:
+        records: Each seed's evaluation records, in the order of `seeds`.
+        singles: Each seed's single-example check.
+        first: The first seed's `Networks` as Keras models (the run saves them).
+        stacked_networks: On the stacked path, the `stacked.StackedNetworks`
+            holding every seed's trained weights; None on the per-seed path.
+    """
+
+    records: list
+    singles: list
+    first: Networks
+    stacked_networks: stacked.StackedNetworks | None = None
 
 
 def run(run_dir, config, data, progress=True):
@@ -34,8 +52,8 @@ def run(run_dir, config, data, progress=True):
 
     Every seed of `config["seeds"]` trains its own plain and BN network. The
     default loop and evaluation train and test all of them together
-    (`experiments.mnist_mlp.stacked`); the per-step loop and the separate evaluation,
-    the speed baselines, run the seeds one after the other.
+    (`experiments.mnist_mlp.stacked`); the per-step loop and the separate
+    evaluation, the speed baselines, run the seeds one after the other.
 
     Args:
         run_dir: The claimed `experiments.common.run.RunDir`.
@@ -48,9 +66,10 @@ def run(run_dir, config, data, progress=True):
     """
     start = time.perf_counter()
     if config["loop"] == "fast" and config["evaluation"] == "shared":
-        records, singles, first = train_stacked(run_dir, config, data, progress)
+        trained = train_stacked(run_dir, config, data, progress)
     else:
-        records, singles, first = train_each_seed(run_dir, config, data, progress)
+        trained = train_each_seed(run_dir, config, data, progress)
+    records, singles, first = trained.records, trained.singles, trained.first
     run_dir.stage("saving models")
     # The first seed's networks: those a one-seed run with that seed saves.
     for name, model in zip((PLAIN, BN), first, strict=True):
@@ -64,8 +83,7 @@ def run(run_dir, config, data, progress=True):
 
 
 def train_stacked(run_dir, config, data, progress):
-    """All seeds at once; returns each seed's records and single-example
-    check, and the first seed's networks as Keras models."""
+    """All seeds at once, in stacked weights; returns a `Trained`."""
     keras.utils.set_random_seed(config["seed"])
     networks = stacked.StackedNetworks(config, config["seeds"])
     trainer = stacked.StackedTrainer(networks, data.x_train, data.y_train, config)
@@ -100,12 +118,13 @@ def train_stacked(run_dir, config, data, progress):
         ]
         for i in range(k)
     ]
-    return by_seed, singles, networks.keras_networks(0)
+    return Trained(by_seed, singles, networks.keras_networks(0), networks)
 
 
 def train_each_seed(run_dir, config, data, progress):
     """The seeds one after the other, each with Keras models, as a
-    straightforward script does (the speed baselines and the reference path)."""
+    straightforward script does (the speed baselines and the reference path);
+    returns a `Trained`."""
     records, singles, first = [], [], None
     for seed in config["seeds"]:
         seed_config = {**config, "seed": seed}
@@ -132,7 +151,7 @@ def train_each_seed(run_dir, config, data, progress):
         run_dir.stage("single-example check")
         singles.append(single_example_check(networks.bn, data.x_test, data.y_test))
         first = first or networks
-    return records, singles, first
+    return Trained(records, singles, first)
 
 
 def collect_metrics(config, records, singles):

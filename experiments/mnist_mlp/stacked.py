@@ -18,7 +18,10 @@ network, shared by the BN network's two modes; the evaluation of one chunk's
 weights runs while the next chunk trains (`StackedEvaluator.start`).
 
 With one seed every product is the 2-D product of the Keras models, and the
-numbers are those of the per-network loop, bit for bit (tests/test_seeds.py).
+numbers are those of the per-network loop, bit for bit where TensorFlow does
+not fuse a Dense layer's product and bias into one oneDNN kernel (its
+"remapping" graph optimization on AVX-512 CPUs, which moves the per-network
+evaluation by about 2e-7; tests/experiments/test_mnist_mlp_seeds.py).
 """
 
 import concurrent.futures

@@ -40,30 +40,13 @@ def data():
 
 def train(path, config, data, folder):
     """`path(run_dir, config, data, progress)` into a run folder claimed in
-    `folder`: `(records of each seed, single-example check of each seed,
-    first seed's Keras networks)`."""
+    `folder`: its `experiment.Trained` (records and single-example check of
+    each seed, the first seed's Keras networks, the stacked weights)."""
     run_dir = RunDir.claim("mnist_mlp", folder / "run")
     try:
         return path(run_dir, config, data, progress=False)
     finally:
         run_dir.close()
-
-
-def train_stacked_keeping_networks(config, data, folder):
-    """`train_stacked`, and the `StackedNetworks` it trained (for the seeds
-    after the first, whose Keras networks it does not return)."""
-    created = []
-
-    class Recorded(stacked.StackedNetworks):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            created.append(self)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(stacked, "StackedNetworks", Recorded)
-        records, singles, first = train(train_stacked, config, data, folder)
-    # The first made is the one trained; the evaluator's snapshot comes after.
-    return records, singles, first, created[0]
 
 
 def curves(records):
@@ -86,7 +69,9 @@ def each_seed(data, tmp_path_factory):
     for seed in (0, 3):
         config = config_of(f"seed={seed}")
         folder = tmp_path_factory.mktemp(f"seed{seed}")
-        (records,), (single,), networks = train(train_each_seed, config, data, folder)
+        (records,), (single,), networks, _ = train(
+            train_each_seed, config, data, folder
+        )
         references[seed] = records, single, networks
     return references
 
@@ -95,9 +80,7 @@ def each_seed(data, tmp_path_factory):
 def two_seeds(data, tmp_path_factory):
     config = config_of("seeds=[0, 3]")
     folder = tmp_path_factory.mktemp("stacked")
-    records, singles, first, networks = train_stacked_keeping_networks(
-        config, data, folder
-    )
+    records, singles, first, networks = train(train_stacked, config, data, folder)
     return config, records, singles, first, networks
 
 
@@ -122,8 +105,8 @@ def test_one_seed_gives_exactly_the_per_network_numbers(
     """Seed 0 alone: the same floats as the per-network loop, bit for bit."""
     config = config_of()
     assert config["seeds"] == [0]
-    (got,), _, _ = train(train_stacked, config, data, tmp_path / "stacked")
-    (expected,), _, _ = train(train_each_seed, config, data, tmp_path / "each")
+    (got,), _, _, _ = train(train_stacked, config, data, tmp_path / "stacked")
+    (expected,), _, _, _ = train(train_each_seed, config, data, tmp_path / "each")
     got, expected = curves(got), curves(expected)
     assert got.keys() == expected.keys()
     for key in expected:
