@@ -5,11 +5,13 @@
 #   make docs    the documentation site, built strictly (a warning is an error)
 #   make lint    ruff check and ruff format --check
 #
-# The first target run creates .venv with the dev extra and torch (on a
-# machine without a GPU, install a CPU-only torch into .venv first, e.g.
-# `.venv/bin/pip install torch==2.13.0+cpu`, to skip GBs of CUDA libraries).
+# The first target run creates .venv with the dev extra and $(TORCH); on a
+# machine without a GPU, `make TORCH=torch==2.13.0+cpu test` (or any CPU-only
+# build your index has) skips several GB of CUDA libraries.
 
 VENV ?= .venv
+# The torch requirement installed for the torch backend's tests.
+TORCH ?= torch
 PYTHON := $(VENV)/bin/python
 # pytest-xdist workers per backend; "auto" is one per CPU core.
 WORKERS ?= auto
@@ -31,7 +33,7 @@ test-torch: $(VENV)/.installed
 # NO_MKDOCS_2_WARNING: mkdocs-material's banner about MkDocs 2, not a warning
 # about these docs (real warnings still fail the strict build).
 docs: $(VENV)/.installed
-	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir $(VENV)/site
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
@@ -39,5 +41,6 @@ lint: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
-	$(PYTHON) -m pip install --quiet -e ".[dev]" torch
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	$(PYTHON) -m pip install --quiet -e ".[dev]" "$(TORCH)"
 	touch $@

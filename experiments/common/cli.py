@@ -208,7 +208,7 @@ def execute(
     """Runs `experiment` into a new folder, or continues the run in `resume`.
 
     Args:
-        experiment: The `experiments.common.run.Experiment` to run.
+        experiment: The `Experiment` to run.
         config: A config from `load_config` (ignored with `resume`).
         out: The output folder; None for `runs/<name>-<date>-<time>`.
         resume: A folder an interrupted, failed or killed run left; its

@@ -367,3 +367,16 @@ def check_data_size(config, num_train, num_test):
     used = config["train_examples"] or num_train
     if config["batch_size"] > used:
         _batch_too_large(config, used)
+
+
+def check_precise_bn_sample(config, available, which):
+    """Precise BN draws `precise_bn_batches * batch_size` of the `available`
+    training examples (`which` says which ones: "used", ...)."""
+    sample = config["precise_bn_batches"] * config["batch_size"]
+    if sample > available:
+        raise ConfigError(
+            f"precise BN draws precise_bn_batches * batch_size = {sample} "
+            f"training examples, more than the {available} {which}; lower "
+            "'precise_bn_batches'. "
+            f"Received: precise_bn_batches={config['precise_bn_batches']!r}"
+        )

@@ -403,10 +403,14 @@ class RunDir:
 
     def write_outputs(self, metrics, plot, summary, progress):
         """Writes `metrics.json`, then the figures `plot(path, out_dir)` draws
-        from it, then `summary.md`; prints the summary if `progress`."""
-        from experiments.common.metrics import METRICS_FILE, SUMMARY_FILE
+        from it, then `summary.md`; prints the summary if `progress`.
+
+        `metrics` gains `environment`, the software and machine of the run.
+        """
+        from experiments.common.metrics import METRICS_FILE, SUMMARY_FILE, environment
 
         self.stage("writing outputs")
+        metrics["environment"] = environment()
         self.write_json(METRICS_FILE, metrics)
         self.checkpoint("metrics written")
         plot(self.file(METRICS_FILE), self.path)

@@ -19,7 +19,7 @@ folded BN networks' test accuracy, agreement and inference speed.
 import time
 
 from experiments.common import cli
-from experiments.common.metrics import environment, finite_or_none
+from experiments.common.metrics import finite_or_none
 from experiments.lenet_bn.config import SCHEMA
 
 
@@ -74,7 +74,6 @@ def run(run_dir, config, data, progress=True):
         },
         "fold": fold,
         "wall_seconds": time.perf_counter() - start,
-        "environment": environment(),
     }
     run_dir.write_outputs(metrics, plot_all, summary_table(metrics), progress)
     return metrics

@@ -1,6 +1,6 @@
 """LeNet-BN: training the versions, the statistics study, folding and its speed.
 
-Data flows one way: `train_versions` trains every version of `lenet_models`
+Data flows one way: `train_versions` trains every version of `models`
 from the same initial weights on the same mini-batches with `model.fit`,
 recording per epoch the training loss and accuracy (averaged over the epoch
 in training mode, as the chapter reports them), the test accuracy and the

@@ -8,7 +8,13 @@ from experiments.common.config import (
     check_distinct,
     check_positive,
 )
-from experiments.common.mlp.config import MLP_CHOICES, MLP_DEFAULTS, validate_mlp
+from experiments.common.mlp.config import (
+    BN_IMPLS,
+    BN_KERAS,
+    MLP_CHOICES,
+    MLP_DEFAULTS,
+    validate_mlp,
+)
 
 DEFAULTS = {
     # Figure 1's network and training, with lists of learning rates and seeds
@@ -18,6 +24,7 @@ DEFAULTS = {
         for key, value in MLP_DEFAULTS.items()
         if key not in ("learning_rate", "eval_every")
     },
+    "bn_impl": BN_KERAS,
     "learning_rates": [0.01, 0.03, 0.1, 0.3, 1.0],
     "seeds": [0, 1, 2],
     # ... for 10,000 steps: enough to separate stable from unstable rates,
@@ -37,6 +44,6 @@ def validate(config):
 SCHEMA = Schema(
     defaults=DEFAULTS,
     configs_dir=Path(__file__).parent / "configs",
-    choices=MLP_CHOICES,
+    choices={**MLP_CHOICES, "bn_impl": BN_IMPLS},
     validate=validate,
 )

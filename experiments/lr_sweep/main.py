@@ -88,7 +88,7 @@ def train_cell(config, data, learning_rate, seed, report=None):
         "eval_every": config["steps"],
     }
     networks = build_networks(cell_config)
-    evaluator = Evaluator(networks, data.x_test, data.y_test, config["neurons"])
+    evaluator = Evaluator(networks, data.x_test, data.y_test)
     final = train_and_evaluate(
         networks, data, cell_config, evaluator, progress=False, report=report
     )[-1]

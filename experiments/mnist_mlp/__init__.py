@@ -7,9 +7,10 @@ initial weights on the same mini-batches; the run plots the paper's Figure 1
 and checks inference one example at a time.
 
 - `config`: the defaults and the checks of this experiment's keys;
-- `main`: the command line;
-- `experiment`: one run, from the config to the run folder's outputs;
-- `stacked`: every seed's two networks trained and tested in stacked weights;
+- `main`: the command line, the run, its metrics file and summary;
+- `train`: every seed's networks trained and tested, stacked or one by one;
+- `stacked`: every seed's two networks in stacked weights;
+- `single_example`: the single-example inference check;
 - `plots`: the three figures, drawn from the metrics file;
 - `configs/`: shipped configs (`paper`, `five_seeds`, `smoke`).
 

@@ -11,10 +11,17 @@ from pathlib import Path
 from experiments.common.config import (
     DATA_DEFAULTS,
     Schema,
+    check_neurons,
     check_positive,
     check_schedule,
 )
-from experiments.common.mlp.config import MLP_CHOICES, MLP_DEFAULTS, validate_mlp
+from experiments.common.mlp.config import (
+    BN_IMPLS,
+    BN_KERAS,
+    MLP_CHOICES,
+    MLP_DEFAULTS,
+    validate_mlp,
+)
 
 DEFAULTS = {
     # Reproducibility: the initial weights and the mini-batch sequence.
@@ -24,6 +31,13 @@ DEFAULTS = {
     # Setting one of the two sets the other: seed=3 is seeds=[3].
     "seeds": [0],
     **MLP_DEFAULTS,
+    # Which BN layer: bn_keras.BatchNorm, or Keras' for comparison.
+    "bn_impl": BN_KERAS,
+    # Neurons of the last hidden layer whose sigmoid inputs are recorded.
+    "neurons": [0, 1, 2, 3, 4],
+    # "shared": one evaluation call for everything; "separate": one per
+    # network and mode, as a straightforward script does (the speed baseline).
+    "evaluation": "shared",
     **DATA_DEFAULTS,
 }
 
@@ -33,11 +47,16 @@ def validate(config):
     validate_mlp(config)
     check_positive(config, "learning_rate")
     check_schedule(config)
+    check_neurons(config, config["hidden_units"][-1])
 
 
 SCHEMA = Schema(
     defaults=DEFAULTS,
     configs_dir=Path(__file__).parent / "configs",
-    choices=MLP_CHOICES,
+    choices={
+        **MLP_CHOICES,
+        "bn_impl": BN_IMPLS,
+        "evaluation": ("shared", "separate"),
+    },
     validate=validate,
 )

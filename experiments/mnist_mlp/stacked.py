@@ -35,7 +35,6 @@ from experiments.common.metrics import BATCH_STATS, BN, PLAIN, POPULATION
 from experiments.common.mlp.evaluate import (
     CURVES,
     normalize_with_batch_stats,
-    single_example_summary,
     summarize_activations,
 )
 from experiments.common.mlp.models import (
@@ -47,6 +46,7 @@ from experiments.common.mlp.models import (
 )
 from experiments.common.mlp.train import batch_indices
 from experiments.common.quiet import expected_retracing
+from experiments.mnist_mlp.single_example import single_example_summary
 
 
 class StackedNetworks:
@@ -82,7 +82,9 @@ class StackedNetworks:
                 )
                 for i in range(layers)
             ]
-        factory = batch_norm_factory(config)
+        factory = batch_norm_factory(
+            config["bn_impl"], config["bn_momentum"], config["bn_epsilon"]
+        )
         self.bn_layers = []
         for i, units in enumerate(self.hidden_units, start=1):
             layer = factory(f"bn_{i}")
@@ -388,14 +390,14 @@ def correct_by_seed(logits, labels):
     return ops.sum(ops.cast(predictions == labels[:, None], "int32"), axis=0)
 
 
-def single_example_check(networks, x_test, y_test, first=100):
-    """`evaluate.single_example_check` for every seed's BN network at once.
+def single_example_check_by_seed(networks, x_test, y_test, first=100):
+    """`single_example.single_example_check` for every seed's BN network at once.
 
     Each test example goes alone (a batch of one) through all the seeds' BN
     networks, with population statistics and with its own batch statistics.
 
     Returns:
-        One dict per seed, as `evaluate.single_example_check` returns.
+        One dict per seed, as `single_example.single_example_check` returns.
     """
     x = tf.constant(x_test)
     labels = np.asarray(y_test)

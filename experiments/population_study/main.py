@@ -90,12 +90,17 @@ def train_cell(name, config, data, progress=True, report=None):
     import tensorflow as tf
 
     import bn_keras
+    from experiments.common.mlp.config import BN_KERAS
     from experiments.common.mlp.evaluate import correct, forward
     from experiments.common.mlp.models import batch_norm_factory, build_mlp, initialize
     from experiments.common.mlp.train import train_and_evaluate
 
     start = time.perf_counter()
-    factory = None if name == PLAIN else batch_norm_factory(config, **OPTIONS[name])
+    factory = None
+    if name != PLAIN:
+        # The estimator's options may replace the momentum (None: cumulative).
+        options = {"momentum": config["bn_momentum"], **OPTIONS[name]}
+        factory = batch_norm_factory(BN_KERAS, epsilon=config["bn_epsilon"], **options)
     model = build_mlp(config["hidden_units"], factory, name=name)
     initialize([model], config)
     x_test, y_test = tf.constant(data.x_test), tf.constant(data.y_test)

@@ -9,6 +9,7 @@ from experiments.common.config import (
     check_batch_norm,
     check_neurons,
     check_positive,
+    check_precise_bn_sample,
     check_schedule,
 )
 
@@ -23,7 +24,7 @@ DEFAULTS = {
     **DATA_DEFAULTS,
     # "rows": 28 steps of 28 pixels (fast); "pixels": 784 steps of 1 pixel;
     # "permuted_pixels": the same in a fixed random order (the paper's tasks).
-    "task": "rows",
+    "task": ROWS,
     # The recurrent layer's units (one layer), as in the paper.
     "hidden_units": [100],
     # The paper's optimizer: RMSProp, gradient norm clipped at 1, batch 100.
@@ -75,14 +76,7 @@ def check_data(config, num_train):
             f"batch of training examples out of {num_train}. "
             f"Received: {config['validation_examples']!r}"
         )
-    sample = config["precise_bn_batches"] * config["batch_size"]
-    if sample > left:
-        raise ConfigError(
-            f"precise BN draws precise_bn_batches * batch_size = {sample} "
-            f"training sequences, more than the {left} left after validation; "
-            "lower 'precise_bn_batches'. "
-            f"Received: precise_bn_batches={config['precise_bn_batches']!r}"
-        )
+    check_precise_bn_sample(config, left, "left after validation")
 
 
 SCHEMA = Schema(

@@ -17,29 +17,42 @@ against the timestep.
 import time
 
 from experiments.common import cli
-from experiments.common.metrics import environment
+from experiments.common.metrics import BATCH_STATS, EMA, PRECISE
 from experiments.sequential_mnist.config import SCHEMA, check_data
+from experiments.sequential_mnist.metrics import (
+    BN_LSTM,
+    BN_LSTM_PRECISE,
+    ESTIMATES,
+    LSTM,
+    NETWORKS,
+    ONE_AT_A_TIME,
+    PER_TIMESTEP,
+    SHARED,
+    SPLITS,
+    TEST,
+    VALIDATION,
+)
 
 
 def run(run_dir, config, data, progress=True):
     """Trains both networks, runs the inference check, writes every output."""
 
-    from experiments.sequential_mnist import models as rm
+    from experiments.sequential_mnist import evaluate, models, train
     from experiments.sequential_mnist.plots import plot_all
 
     start = time.perf_counter()
-    sequences = rm.sequences(
+    sequences = models.sequences(
         data, config["task"], config["validation_examples"], config["seed"]
     )
     _, timesteps, features = sequences.x_train.shape
-    models = rm.build_models(config, timesteps, features)
-    records = rm.train_and_evaluate(
-        models, sequences, config, progress=progress, report=run_dir.progress
+    networks = models.build_models(config, timesteps, features)
+    records = train.train_and_evaluate(
+        networks, sequences, config, progress=progress, report=run_dir.progress
     )
     run_dir.stage("precise BN")
     begin = time.perf_counter()
-    precise = rm.recompute(
-        models[rm.BN_LSTM],
+    precise = evaluate.recompute(
+        networks[BN_LSTM],
         sequences.x_train,
         config["precise_bn_batches"],
         config["batch_size"],
@@ -47,9 +60,9 @@ def run(run_dir, config, data, progress=True):
         progress=progress,
     )
     precise_seconds = time.perf_counter() - begin
-    by_estimate = {rm.EMA: models[rm.BN_LSTM], rm.PRECISE: precise}
+    by_estimate = {EMA: networks[BN_LSTM], PRECISE: precise}
     run_dir.stage("inference check")
-    check = rm.inference_check(
+    check = evaluate.inference_check(
         by_estimate,
         sequences.x_test,
         sequences.y_test,
@@ -57,29 +70,28 @@ def run(run_dir, config, data, progress=True):
         progress=progress,
     )
     run_dir.stage("saving models")
-    for name, model in {**models, rm.BN_LSTM_PRECISE: precise}.items():
+    for name, model in {**networks, BN_LSTM_PRECISE: precise}.items():
         with run_dir.atomic(f"{name}.keras") as path:
             model.save(path)
     run_dir.checkpoint("models saved")
     final = dict(records[-1]["accuracy"])
-    final[rm.BN_LSTM_PRECISE] = {
-        rm.VALIDATION: rm.accuracy(
+    final[BN_LSTM_PRECISE] = {
+        VALIDATION: evaluate.accuracy(
             precise, sequences.x_validation, sequences.y_validation
         ),
-        rm.TEST: check[rm.PRECISE][rm.PER_TIMESTEP],
+        TEST: check[PRECISE][PER_TIMESTEP],
     }
     metrics = {
         "config": config,
         "steps": [r["step"] for r in records],
         "accuracy": {
             name: {
-                split: [r["accuracy"][name][split] for r in records]
-                for split in rm.SPLITS
+                split: [r["accuracy"][name][split] for r in records] for split in SPLITS
             }
-            for name in rm.NETWORKS
+            for name in NETWORKS
         },
         "train_loss": {
-            name: [r["train_loss"][name] for r in records] for name in rm.NETWORKS
+            name: [r["train_loss"][name] for r in records] for name in NETWORKS
         },
         "final_accuracy": final,
         "inference_check": check,
@@ -87,46 +99,44 @@ def run(run_dir, config, data, progress=True):
             "sequences": config["precise_bn_batches"] * config["batch_size"],
             "seconds": precise_seconds,
         },
-        "population_statistics": rm.population_statistics(
+        "population_statistics": evaluate.population_statistics(
             by_estimate, config["neurons"]
         ),
         "wall_seconds": time.perf_counter() - start,
-        "environment": environment(),
     }
     run_dir.write_outputs(metrics, plot_all, summary_table(metrics), progress)
     return metrics
 
 
 def summary_table(metrics):
-    from experiments.sequential_mnist import models as rm
 
     final = metrics["final_accuracy"]
     check = metrics["inference_check"]
     config = metrics["config"]
     sequences = f"{metrics['precise_bn']['sequences']:,}"
     networks = {
-        rm.LSTM: "LSTM",
-        rm.BN_LSTM: "BN-LSTM, moving averages",
-        rm.BN_LSTM_PRECISE: f"BN-LSTM, recomputed from {sequences} sequences",
+        LSTM: "LSTM",
+        BN_LSTM: "BN-LSTM, moving averages",
+        BN_LSTM_PRECISE: f"BN-LSTM, recomputed from {sequences} sequences",
     }
     estimates = {
-        rm.EMA: f"moving averages (momentum {config['bn_momentum']})",
-        rm.PRECISE: f"recomputed after training ({sequences} training sequences)",
+        EMA: f"moving averages (momentum {config['bn_momentum']})",
+        PRECISE: f"recomputed after training ({sequences} training sequences)",
     }
     kinds = {
-        rm.PER_TIMESTEP: "per timestep (inference)",
-        rm.SHARED: "one statistic shared by all timesteps",
-        rm.ONE_AT_A_TIME: "per timestep, one sequence at a time",
+        PER_TIMESTEP: "per timestep (inference)",
+        SHARED: "one statistic shared by all timesteps",
+        ONE_AT_A_TIME: "per timestep, one sequence at a time",
     }
     rows = [
         f"| {estimates[estimate]}, {label} | {check[estimate][kind]:.4f} |"
-        for estimate in rm.ESTIMATES
+        for estimate in ESTIMATES
         for kind, label in kinds.items()
     ]
     rows.insert(
         len(kinds),
         f"| each test batch's own statistics (batch {config['batch_size']}) | "
-        f"{check[rm.BATCH_STATS]:.4f} |",
+        f"{check[BATCH_STATS]:.4f} |",
     )
     agreement = [
         f"One sequence at a time agrees with batched inference on "
@@ -135,8 +145,8 @@ def summary_table(metrics):
         "probability difference "
         f"{check[estimate]['one_at_a_time_max_abs_difference']:.1e})."
         for estimate, short in (
-            (rm.EMA, "moving averages"),
-            (rm.PRECISE, "recomputed statistics"),
+            (EMA, "moving averages"),
+            (PRECISE, "recomputed statistics"),
         )
     ]
     lines = [
@@ -147,8 +157,7 @@ def summary_table(metrics):
         "| network | validation accuracy | test accuracy |",
         "|---|---|---|",
         *(
-            f"| {label} | {final[name][rm.VALIDATION]:.4f} | "
-            f"{final[name][rm.TEST]:.4f} |"
+            f"| {label} | {final[name][VALIDATION]:.4f} | {final[name][TEST]:.4f} |"
             for name, label in networks.items()
         ),
         "",

@@ -2,7 +2,7 @@
 
 from experiments.common.metrics import EMA, PRECISE
 from experiments.common.plotting import load_metrics, plt, save
-from experiments.sequential_mnist.models import (
+from experiments.sequential_mnist.metrics import (
     BN_LSTM,
     BN_LSTM_PRECISE,
     ESTIMATES,

@@ -179,7 +179,7 @@ def test_mask_of_the_wrong_rank(axis, shape, mask_shape):
 
 def test_synchronized_is_accepted_on_every_backend(rng):
     # Outside a distributed step there is one replica and nothing to
-    # synchronize; tests/test_distributed.py runs the layer inside one. (Not
+    # synchronize; tests/bn_keras/test_distributed.py runs the layer inside one. (Not
     # against the fused kernel, which synchronized layers do not use.)
     x = rng.normal(3.0, 2.0, (8, 4)).astype("float32")
     synchronized, plain = BatchNorm(synchronized=True), BatchNorm(fused=False)

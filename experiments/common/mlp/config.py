@@ -1,6 +1,6 @@
 """The config keys of the Figure-1 network, shared by the experiments that train it."""
 
-from experiments.common.config import check_batch_norm, check_neurons, check_positive
+from experiments.common.config import check_batch_norm, check_positive
 
 MLP_DEFAULTS = {
     # The network: 784 inputs, sigmoid hidden layers, 10 softmax outputs.
@@ -13,24 +13,19 @@ MLP_DEFAULTS = {
     "steps": 40000,
     # Evaluate on the whole test set every this many steps (and at step 0).
     "eval_every": 50,
-    # Batch normalization: which layer, and its population statistics.
-    "bn_impl": "bn_keras",
+    # The BN layers' population statistics.
     "bn_momentum": 0.999,
     "bn_epsilon": 1e-3,
-    # Neurons of the last hidden layer whose sigmoid inputs are recorded.
-    "neurons": [0, 1, 2, 3, 4],
     # "fast": many steps per compiled call; "simple": one call per step.
     "loop": "fast",
-    # "shared": one evaluation call for everything; "separate": one per
-    # network and mode, as a straightforward script does (the speed baseline).
-    "evaluation": "shared",
 }
+MLP_CHOICES = {"loop": ("fast", "simple")}
 
-MLP_CHOICES = {
-    "bn_impl": ("bn_keras", "keras"),
-    "loop": ("fast", "simple"),
-    "evaluation": ("shared", "separate"),
-}
+# The `bn_impl` key of the experiments that can swap the BN layer, for
+# comparison: bn_keras.BatchNorm or keras.layers.BatchNormalization.
+BN_KERAS = "bn_keras"
+KERAS = "keras"
+BN_IMPLS = (BN_KERAS, KERAS)
 
 
 def validate_mlp(config, *, debiased=False):
@@ -50,4 +45,3 @@ def validate_mlp(config, *, debiased=False):
     """
     check_positive(config, "init_stddev", "steps", "hidden_units")
     check_batch_norm(config, debiased=debiased)
-    check_neurons(config, config["hidden_units"][-1])

@@ -1,4 +1,4 @@
-"""Test-set evaluation and the single-example inference check.
+"""Test-set evaluation of the Figure-1 networks.
 
 Three ways to run the BN network on test data:
 - population statistics (true inference: `training=False`);
@@ -11,7 +11,6 @@ Three ways to run the BN network on test data:
 """
 
 import keras
-import numpy as np
 import tensorflow as tf
 from keras import ops
 
@@ -88,7 +87,8 @@ class Evaluator:
 
     Calling it returns `{"accuracy": {curve: float}, "activations": {network:
     (len(neurons), 4) array}}`, with the curves of `ACCURACY_CURVES` and the
-    networks `PLAIN` and `BN` (population statistics).
+    networks `PLAIN` and `BN` (population statistics); without `neurons`,
+    the activations are empty.
 
     With `shared=True`, one compiled call computes everything, and the BN
     network's population and batch-statistics passes share their first
@@ -96,7 +96,7 @@ class Evaluator:
     call, as a straightforward script would do (the speed baseline).
     """
 
-    def __init__(self, networks, x_test, y_test, neurons, shared=True):
+    def __init__(self, networks, x_test, y_test, neurons=(), shared=True):
         self.networks = networks
         self.x = tf.constant(x_test)
         self.y = tf.constant(y_test)
@@ -122,7 +122,7 @@ class Evaluator:
             outputs = forward(getattr(self.networks, name), self.x, modes)
             for mode, (logits, sigmoid_input) in outputs.items():
                 accuracy[CURVES[name, mode]] = correct(logits, self.y)
-                if mode == POPULATION:
+                if mode == POPULATION and len(self.neurons):
                     activations[name] = summarize_activations(
                         tf.gather(sigmoid_input, self.neurons, axis=1)
                     )
@@ -137,50 +137,3 @@ class Evaluator:
             for name, summary in values["activations"].items():
                 activations[name] = summary.numpy()
         return {"accuracy": accuracy, "activations": activations}
-
-
-def single_example_check(model, x_test, y_test, first=100):
-    """Predicts the test examples one at a time, each a batch of one.
-
-    Returns a dict: for population statistics, the accuracy over the first
-    `first` examples and over all, the batched-inference accuracy and the
-    fraction of predictions equal to the batched ones; for each example's
-    own batch statistics, the accuracy, the histogram of predicted classes
-    and the fraction of the most frequent class.
-    """
-    x = tf.constant(x_test)
-    labels = np.asarray(y_test)
-
-    @tf.function
-    def one_at_a_time(mode):
-        def predict(example):
-            logits = forward(model, example[None, :], modes=(mode,))[mode][0]
-            return ops.argmax(logits[0])
-
-        return tf.map_fn(predict, x, fn_output_signature=tf.int32)
-
-    population = one_at_a_time(POPULATION).numpy()
-    own_stats = one_at_a_time(BATCH_STATS).numpy()
-    batched = np.argmax(model.predict(x_test, batch_size=1000, verbose=0), axis=-1)
-    return single_example_summary(population, own_stats, batched, labels, first)
-
-
-def single_example_summary(population, own_stats, batched, labels, first=100):
-    """`single_example_check`'s dict from the predicted classes: one example at
-    a time with population statistics and with its own, and batched."""
-    histogram = np.bincount(own_stats, minlength=10)
-    return {
-        POPULATION: {
-            "accuracy": float(np.mean(population == labels)),
-            f"accuracy_first_{first}": float(
-                np.mean(population[:first] == labels[:first])
-            ),
-            "batched_accuracy": float(np.mean(batched == labels)),
-            "agreement_with_batched": float(np.mean(population == batched)),
-        },
-        BATCH_STATS: {
-            "accuracy": float(np.mean(own_stats == labels)),
-            "predicted_class_histogram": histogram.tolist(),
-            "majority_class_fraction": float(histogram.max() / len(own_stats)),
-        },
-    }

@@ -6,6 +6,8 @@ import keras
 import numpy as np
 
 import bn_keras
+from experiments.common.metrics import BN, PLAIN
+from experiments.common.mlp.config import BN_KERAS
 
 NUM_PIXELS = 784
 NUM_CLASSES = 10
@@ -42,20 +44,18 @@ def build_mlp(hidden_units, batch_norm=None, name="mlp"):
     return keras.Sequential(layers, name=name)
 
 
-def batch_norm_factory(config, **options):
-    """Returns `name -> BN layer` for the config's `bn_impl`, momentum, epsilon.
+def batch_norm_factory(impl, momentum, epsilon, **options):
+    """Returns `name -> BN layer` of `impl` (one of `config.BN_IMPLS`).
 
-    `options` are extra `bn_keras.BatchNorm` arguments (`debias=True`, ...),
-    and may override `momentum`.
+    `options` are extra `bn_keras.BatchNorm` arguments (`debias=True`, ...).
     """
-    kwargs = {"momentum": config["bn_momentum"], "epsilon": config["bn_epsilon"]}
-    kwargs.update(options)
-    if config["bn_impl"] == "bn_keras":
+    kwargs = {"momentum": momentum, "epsilon": epsilon, **options}
+    if impl == BN_KERAS:
         return lambda name: bn_keras.BatchNorm(name=name, **kwargs)
-    if options.keys() - {"momentum"}:
+    if options:
         raise ValueError(
             f"keras.layers.BatchNormalization has no options {sorted(options)}; "
-            "use bn_impl='bn_keras'"
+            f"use bn_impl={BN_KERAS!r}"
         )
     return lambda name: keras.layers.BatchNormalization(name=name, **kwargs)
 
@@ -91,8 +91,14 @@ def initial_kernels(config, seed):
 def build_networks(config):
     """The plain and the BN network of Figure 1, from the same initial draw."""
     networks = Networks(
-        plain=build_mlp(config["hidden_units"], name="plain"),
-        bn=build_mlp(config["hidden_units"], batch_norm_factory(config), name="bn"),
+        plain=build_mlp(config["hidden_units"], name=PLAIN),
+        bn=build_mlp(
+            config["hidden_units"],
+            batch_norm_factory(
+                config["bn_impl"], config["bn_momentum"], config["bn_epsilon"]
+            ),
+            name=BN,
+        ),
     )
     initialize(networks, config)
     return networks
