@@ -248,16 +248,13 @@ def execute(
     try:
         run.checkpoint("claimed")
         run.stage("loading data")
-        data = data_lib.load_mnist(
-            config["data_source"],
-            config["data_dir"] or None,
-            verify=config["data_verify"],
-            dataset=config.get("dataset", "mnist"),
-        )
-        check_data_size(config, len(data.x_train), len(data.x_test))
-        if experiment.check is not None:
-            experiment.check(config, config["train_examples"] or len(data.x_train))
-        data = data_lib.select(data, config["train_examples"], config["test_examples"])
+
+        def check(num_train, num_test):
+            check_data_size(config, num_train, num_test)
+            if experiment.check is not None:
+                experiment.check(config, config["train_examples"] or num_train)
+
+        data = data_lib.load_for_config(config, check)
         if resume is None:
             config = {**config, "data_source": source, "data_dir": data_dir or ""}
             run.write_json(CONFIG_FILE, config)

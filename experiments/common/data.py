@@ -186,6 +186,30 @@ def load_mnist(
         raise
 
 
+def load_for_config(config: dict, check=None) -> Mnist:
+    """The data an experiment's config names, checked, then sliced.
+
+    Args:
+        config: A validated config: `data_source`, `data_dir`, `data_verify`,
+            `train_examples`, `test_examples` and, where it has one, `dataset`.
+        check: Optional `check(num_train, num_test)`, called with the sizes of
+            the whole data before the slice is taken (raising for a config
+            the data cannot serve).
+
+    Returns:
+        The first `train_examples` / `test_examples` examples (0: all).
+    """
+    data = load_mnist(
+        config["data_source"],
+        config["data_dir"] or None,
+        verify=config["data_verify"],
+        dataset=config.get("dataset", "mnist"),
+    )
+    if check is not None:
+        check(len(data.x_train), len(data.x_test))
+    return select(data, config["train_examples"], config["test_examples"])
+
+
 def select(data: Mnist, train_examples: int = 0, test_examples: int = 0) -> Mnist:
     """The first `train_examples` / `test_examples` examples (0: all)."""
     train, test = train_examples or None, test_examples or None
