@@ -39,8 +39,10 @@ ENV_VAR = "BN_KERAS_MNIST_DIR"
 
 _IMAGES_MAGIC = 2051
 _LABELS_MAGIC = 2049
-_ROWS = _COLS = 28
-_NUM_CLASSES = 10
+# MNIST: 28 x 28 images of 10 classes.
+IMAGE_SIZE = 28
+NUM_PIXELS = IMAGE_SIZE * IMAGE_SIZE
+NUM_CLASSES = 10
 _GZIP_MAGIC = b"\x1f\x8b"
 _FIX = "re-download it or pass --data-dir to a good copy"
 
@@ -285,9 +287,10 @@ def _parse_idx(data: bytes, path: pathlib.Path, magic: int | None = None) -> np.
             )
         rows = int.from_bytes(data[8:12], "big")
         cols = int.from_bytes(data[12:16], "big")
-        if (rows, cols) != (_ROWS, _COLS):
+        if (rows, cols) != (IMAGE_SIZE, IMAGE_SIZE):
             raise DataError(
-                f"{path}: images are {rows}x{cols}, expected {_ROWS}x{_COLS}; {_FIX}"
+                f"{path}: images are {rows}x{cols}, expected "
+                f"{IMAGE_SIZE}x{IMAGE_SIZE}; {_FIX}"
             )
         header, shape = 16, (count, rows, cols)
     size = header + math.prod(shape)
@@ -356,9 +359,9 @@ def _load_split(
             f"{len(images)} images; {_FIX}"
         )
     top = int(labels.max(initial=0))
-    if top >= _NUM_CLASSES:
+    if top >= NUM_CLASSES:
         raise DataError(
-            f"{labels_path}: label {top} outside 0-{_NUM_CLASSES - 1}; {_FIX}"
+            f"{labels_path}: label {top} outside 0-{NUM_CLASSES - 1}; {_FIX}"
         )
     return _to_float(images), labels.astype(np.int32)
 

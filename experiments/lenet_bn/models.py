@@ -18,6 +18,7 @@ import keras
 from keras import ops
 
 import bn_keras
+from experiments.common.data import IMAGE_SIZE, NUM_CLASSES
 from experiments.common.metrics import PLAIN
 
 # The versions, as the metrics file and the saved models name them.
@@ -164,7 +165,7 @@ def build_lenet(batch_norm=None, name: str = "lenet") -> keras.Sequential:
         "dense1": lambda: keras.layers.Dense(120, name="dense1"),
         "dense2": lambda: keras.layers.Dense(84, name="dense2"),
     }
-    layers = [keras.Input((28, 28, 1))]
+    layers = [keras.Input((IMAGE_SIZE, IMAGE_SIZE, 1))]
     for producer in NORMALIZED:
         if producer == "dense1":
             layers.append(keras.layers.Flatten(name="flatten"))
@@ -174,7 +175,7 @@ def build_lenet(batch_norm=None, name: str = "lenet") -> keras.Sequential:
         layers.append(keras.layers.Activation("sigmoid", name=f"{producer}_sigmoid"))
         if producer.startswith("conv"):
             layers.append(keras.layers.AveragePooling2D(2, 2, name=f"{producer}_pool"))
-    layers.append(keras.layers.Dense(10, name="logits"))
+    layers.append(keras.layers.Dense(NUM_CLASSES, name="logits"))
     return keras.Sequential(layers, name=name)
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from experiments.common.data import NUM_CLASSES
 from experiments.common.metrics import BATCH_STATS, POPULATION
 from experiments.common.mlp.evaluate import forward
 
@@ -43,7 +44,7 @@ def single_example_check(model, x_test, y_test, first=100):
 def single_example_summary(population, own_stats, batched, labels, first=100):
     """`single_example_check`'s dict from the predicted classes: one example at
     a time with population statistics and with its own, and batched."""
-    histogram = np.bincount(own_stats, minlength=10)
+    histogram = np.bincount(own_stats, minlength=NUM_CLASSES)
     return {
         POPULATION: {
             "accuracy": float(np.mean(population == labels)),

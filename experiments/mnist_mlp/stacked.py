@@ -31,6 +31,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from experiments.common.data import NUM_PIXELS
 from experiments.common.metrics import BATCH_STATS, BN, PLAIN, POPULATION
 from experiments.common.mlp.evaluate import (
     CURVES,
@@ -38,7 +39,6 @@ from experiments.common.mlp.evaluate import (
     summarize_activations,
 )
 from experiments.common.mlp.models import (
-    NUM_PIXELS,
     Networks,
     batch_norm_factory,
     build_mlp,

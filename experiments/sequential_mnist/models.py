@@ -13,6 +13,7 @@ import keras
 import numpy as np
 
 from bn_keras import BatchNormLSTM, TimestepBatchNorm
+from experiments.common.data import IMAGE_SIZE, NUM_CLASSES, NUM_PIXELS
 from experiments.sequential_mnist.config import PERMUTED_PIXELS, ROWS
 from experiments.sequential_mnist.metrics import LSTM, NETWORKS
 
@@ -39,10 +40,11 @@ def sequences(data, task: str, validation_examples: int, seed: int) -> Sequences
 
     def convert(x):
         if task == ROWS:
-            return x.reshape(len(x), 28, 28)
+            return x.reshape(len(x), IMAGE_SIZE, IMAGE_SIZE)
         if task == PERMUTED_PIXELS:
-            x = x[:, np.random.default_rng([seed, 784]).permutation(784)]
-        return x.reshape(len(x), 784, 1)
+            order = np.random.default_rng([seed, NUM_PIXELS]).permutation(NUM_PIXELS)
+            x = x[:, order]
+        return x.reshape(len(x), NUM_PIXELS, 1)
 
     split = len(data.x_train) - validation_examples
     x_train = convert(data.x_train)
@@ -73,7 +75,7 @@ def build_models(config: dict, timesteps: int, features: int) -> dict:
                 epsilon=config["bn_epsilon"],
                 name="bn_lstm",
             )
-        outputs = keras.layers.Dense(10, activation="softmax", name="softmax")(
+        outputs = keras.layers.Dense(NUM_CLASSES, activation="softmax", name="softmax")(
             recurrent(inputs)
         )
         model = keras.Model(inputs, outputs, name=name)

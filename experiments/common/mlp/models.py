@@ -6,11 +6,9 @@ import keras
 import numpy as np
 
 import bn_keras
+from experiments.common.data import NUM_CLASSES, NUM_PIXELS
 from experiments.common.metrics import BN, PLAIN
 from experiments.common.mlp.config import BN_KERAS
-
-NUM_PIXELS = 784
-NUM_CLASSES = 10
 
 
 class Networks(NamedTuple):
