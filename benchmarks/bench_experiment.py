@@ -39,6 +39,8 @@ VARIANTS = {
     "baseline": ('loop="simple"', 'evaluation="separate"'),
     "per-step, shared eval": ('loop="simple"', 'evaluation="shared"'),
     "default": (),
+    # The seeds of --config five_seeds (given as a key: each variant is a
+    # list of --set overrides).
     "five seeds": ("seeds=[0, 1, 2, 3, 4]",),
 }
 # (name, variant, reference, target ratio, "at least" or "at most"): the

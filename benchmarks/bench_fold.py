@@ -33,35 +33,9 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from bn_keras import BatchNorm, batch_norm_layers, fold_batch_norms  # noqa: E402
+from experiments.lenet_bn.models import build_lenet  # noqa: E402
 
 MODELS = ("lenet", "resnet50")
-
-
-def lenet_bn(batch_norm=BatchNorm):
-    """d2l 7.5's LeNet-BN: no activation on the layers before a BN."""
-    layers = keras.layers
-    return keras.Sequential(
-        [
-            keras.Input((28, 28, 1)),
-            layers.Conv2D(6, 5, padding="same"),
-            batch_norm(),
-            layers.Activation("sigmoid"),
-            layers.AveragePooling2D(2, strides=2),
-            layers.Conv2D(16, 5),
-            batch_norm(),
-            layers.Activation("sigmoid"),
-            layers.AveragePooling2D(2, strides=2),
-            layers.Flatten(),
-            layers.Dense(120),
-            batch_norm(),
-            layers.Activation("sigmoid"),
-            layers.Dense(84),
-            batch_norm(),
-            layers.Activation("sigmoid"),
-            layers.Dense(10),
-        ],
-        name="lenet_bn",
-    )
 
 
 def resnet50():
@@ -142,7 +116,8 @@ def run(models, rounds, lenet_bn_impl, seed):
     )
     if "lenet" in models:
         impl = {"bn_keras": BatchNorm, "keras": keras.layers.BatchNormalization}
-        model = lenet_bn(impl[lenet_bn_impl])
+        layer = impl[lenet_bn_impl]
+        model = build_lenet(lambda name: layer(name=name), name="lenet_bn")
         # d2l's settings: batch 256, learning rate 1.0.
         _set_statistics(model, rng, 256, steps=3, learning_rate=1.0, from_logits=True)
         x = rng.uniform(0.0, 1.0, (10_000, 28, 28, 1)).astype("float32")
