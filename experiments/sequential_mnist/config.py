@@ -31,7 +31,8 @@ DEFAULTS = {
     "learning_rate": 1e-3,
     "clipnorm": 1.0,
     "batch_size": 100,
-    # About 3.7 epochs: ten minutes for both networks on two CPU cores.
+    # About 3.7 epochs: minutes for both networks on two CPU cores (the
+    # run time is on the experiment's docs page).
     "steps": 2000,
     "eval_every": 200,
     # The last training images, held out for the validation curve.

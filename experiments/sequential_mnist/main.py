@@ -1,6 +1,6 @@
 """Sequential MNIST: an LSTM and a BN-LSTM (Cooijmans et al., 2016) read digits in time.
 
-python -m experiments.sequential_mnist             # row by row, ~10 min on 2 CPUs
+python -m experiments.sequential_mnist             # row by row, minutes
 python -m experiments.sequential_mnist --config pixels
 python -m experiments.sequential_mnist --config smoke
 
