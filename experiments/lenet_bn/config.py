@@ -13,8 +13,8 @@ DEFAULTS = {
     "seed": 0,
     **DATA_DEFAULTS,
     # The first 12,000 training images (a fifth of MNIST): the four networks'
-    # 10 epochs then take about six minutes on two CPU cores; 0 trains on all
-    # 60,000, the chapter's setting, about five times as long.
+    # 10 epochs then take minutes on two CPU cores (docs/experiments/lenet_bn.md);
+    # 0 trains on all 60,000, the chapter's setting, five times as long.
     "train_examples": 12000,
     # "mnist" or "fashion_mnist" (the chapter's data: bring its IDX files with
     # --data-dir, or TFDS' prepared copy).
