@@ -5,6 +5,8 @@ import numpy as np
 from experiments.common.metrics import BN, PLAIN
 from experiments.common.plotting import load_metrics, plt, save
 
+FIGURES = ("lr_sweep.png",)
+
 
 def plot_all(metrics_path, out_dir=None):
     """Final test accuracy against learning rate: mean over seeds, min to max."""
@@ -35,4 +37,4 @@ def plot_all(metrics_path, out_dir=None):
     ax.set_title(f"{metrics['config']['steps']} steps, {seeds} seeds per point")
     ax.grid(alpha=0.3, which="both")
     ax.legend(loc="lower left")
-    return save(fig, out_dir / "lr_sweep.png")
+    return save(fig, out_dir / FIGURES[0])

@@ -12,6 +12,8 @@ from experiments.common.metrics import (
 )
 from experiments.common.plotting import load_metrics, plt, save
 
+FIGURES = ("population_study.png",)
+
 STUDY_STYLES = {
     PLAIN: ("Without BN", "tab:blue", "-"),
     EMA: ("EMA (momentum {momentum})", "tab:red", "-"),
@@ -49,4 +51,4 @@ def plot_all(metrics_path, out_dir=None):
     axes[1].set_ylim(0.8, 1.0)
     axes[0].legend(loc="lower right", fontsize="small")
     fig.suptitle("BN network: where the population statistics come from")
-    return save(fig, out_dir / "population_study.png")
+    return save(fig, out_dir / FIGURES[0])
