@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from experiments.common.config import load_config
-from experiments.common.data import ENV_VAR, load_mnist, select
+from experiments.common.data import ENV_VAR
 from experiments.common.run import TEST_SIGNAL_VAR
 
 # The repository root: `python -m experiments.NAME` runs from here.
@@ -32,7 +32,9 @@ EXPERIMENTS = sorted(
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
-tensorflow_only = pytest.mark.skipif(
+# The mark of the modules that train: the experiments' training loops are
+# written for TensorFlow.
+requires_tensorflow = pytest.mark.skipif(
     keras.backend.backend() != "tensorflow",
     reason="the experiments' training loops are written for TensorFlow",
 )
@@ -94,17 +96,6 @@ def smoke_config(name, *overrides):
     return load_config(
         config_schema, config_schema.configs_dir / "smoke.toml", overrides
     )
-
-
-def load_data(config):
-    """The MNIST slice a run of `config` trains and tests on."""
-    data = load_mnist(
-        config["data_source"],
-        config["data_dir"] or None,
-        verify=config["data_verify"],
-        dataset=config.get("dataset", "mnist"),
-    )
-    return select(data, config["train_examples"], config["test_examples"])
 
 
 def idx_bytes(array, magic, dims=None):

@@ -1,6 +1,7 @@
 """The Figure-1 experiment (experiments/mnist_mlp) end to end on its smoke
-config: outputs, metrics, a quiet start, the default folder, signals, a full
-disk; unit tests of the shared network are in common/test_mlp.py."""
+config: outputs, metrics, the single-example check, a quiet start, the default
+folder, signals, a full disk; unit tests of the shared network are in
+common/test_mlp.py, the stacked seeds in test_mnist_mlp_seeds.py."""
 
 import json
 import re
@@ -11,22 +12,24 @@ import keras
 import numpy as np
 import pytest
 
+from experiments.common.data import load_for_config
 from experiments.common.metrics import METRICS_FILE
+from experiments.common.mlp.models import build_networks
 from experiments.common.run import TEST_SIGNAL_VAR, read_state
 from experiments.mnist_mlp import main as mnist_mlp
 from experiments.mnist_mlp.plots import FIGURES, plot_all
+from experiments.mnist_mlp.single_example import single_example_check
 from tests.experiments.helpers import (
     PNG_SIGNATURE,
     assert_outputs_whole,
-    load_data,
     one_line,
+    requires_tensorflow,
     smoke_config,
     start,
     strict_json,
-    tensorflow_only,
 )
 
-pytestmark = tensorflow_only
+pytestmark = requires_tensorflow
 
 REQUIRED_KEYS = [
     ("final_accuracy", "plain"),
@@ -171,9 +174,19 @@ def test_single_example_check_collapses_and_population_matches(user_run):
     assert population["accuracy"] == metrics["final_accuracy"]["bn_population"]
 
 
+def test_single_example_check_on_an_untrained_network(rng):
+    networks = build_networks(smoke_config("mnist_mlp"))
+    x = rng.random((40, 784)).astype("float32")
+    y = rng.integers(0, 10, 40).astype("int32")
+    result = single_example_check(networks.bn, x, y, first=10)
+    assert result["batch_stats"]["majority_class_fraction"] == 1.0
+    assert result["population"]["agreement_with_batched"] == 1.0
+    assert 0.0 <= result["population"]["accuracy_first_10"] <= 1.0
+
+
 def test_saved_models_reload_with_the_same_predictions(user_run):
     out, _, _ = user_run
-    data = load_data(smoke_config("mnist_mlp"))
+    data = load_for_config(smoke_config("mnist_mlp"))
     model = keras.saving.load_model(out / "bn.keras")
     predictions = np.argmax(model.predict(data.x_test, verbose=0), axis=-1)
     accuracy = float(np.mean(predictions == data.y_test))

@@ -1,6 +1,6 @@
 """Figure 1 over several seeds (experiments/mnist_mlp/stacked.py): the run's
-stacked path, `experiment.train_stacked`, against its reference path,
-`experiment.train_each_seed` (the per-network Keras models, one seed after
+stacked path, `train.train_stacked`, against its reference path,
+`train.train_each_seed` (the per-network Keras models, one seed after
 the other, which the population study and the learning-rate sweep also use).
 """
 
@@ -9,22 +9,22 @@ import numpy as np
 import pytest
 
 from experiments.common.config import ConfigError, load_config
+from experiments.common.data import load_for_config
 from experiments.common.metrics import BN, PLAIN
-from experiments.common.mlp.evaluate import single_example_check
 from experiments.common.mlp.train import batch_indices
 from experiments.common.run import RunDir
 from experiments.mnist_mlp import main as mnist_mlp
 from experiments.mnist_mlp import stacked
-from experiments.mnist_mlp.experiment import train_each_seed, train_stacked
+from experiments.mnist_mlp.single_example import single_example_check
+from experiments.mnist_mlp.train import train_each_seed, train_stacked
 from tests.experiments.helpers import (
-    load_data,
+    requires_tensorflow,
     schema,
     smoke_config,
     strict_json,
-    tensorflow_only,
 )
 
-pytestmark = tensorflow_only
+pytestmark = requires_tensorflow
 
 MNIST_MLP = schema("mnist_mlp")
 
@@ -35,12 +35,12 @@ def config_of(*overrides):
 
 @pytest.fixture(scope="module")
 def data():
-    return load_data(config_of())
+    return load_for_config(config_of())
 
 
 def train(path, config, data, folder):
     """`path(run_dir, config, data, progress)` into a run folder claimed in
-    `folder`: its `experiment.Trained` (records and single-example check of
+    `folder`: its `train.Trained` (records and single-example check of
     each seed, the first seed's Keras networks, the stacked weights)."""
     run_dir = RunDir.claim("mnist_mlp", folder / "run")
     try:
@@ -173,7 +173,9 @@ def test_saved_seed_network_reloads(two_seeds, data, tmp_path):
 
 def test_single_example_check_of_every_seed(two_seeds, data):
     _, _, singles, _, networks = two_seeds
-    assert singles == stacked.single_example_check(networks, data.x_test, data.y_test)
+    assert singles == stacked.single_example_check_by_seed(
+        networks, data.x_test, data.y_test
+    )
     assert len(singles) == 2
     for index, result in enumerate(singles):
         model = networks.keras_networks(index).bn
@@ -233,7 +235,7 @@ def test_run_over_two_seeds_writes_means_and_each_seed(smoke_run):
     assert "over 2 seeds (0, 3)" in summary and " ± " in summary
     assert strict_json(out / "metrics.json") == metrics
     # The saved networks are the first seed's.
-    data = load_data(metrics["config"])
+    data = load_for_config(metrics["config"])
     model = keras.saving.load_model(out / "bn.keras")
     accuracy = np.mean(
         np.argmax(model.predict(data.x_test, verbose=0), -1) == data.y_test

@@ -7,9 +7,10 @@ import pytest
 
 import bn_keras
 from experiments.common.config import load_config, shipped_configs
-from experiments.common.metrics import BATCH_STATS, METRICS_FILE
+from experiments.common.data import load_for_config
+from experiments.common.metrics import BATCH_STATS, EMA, METRICS_FILE, PRECISE
+from experiments.sequential_mnist import evaluate, models
 from experiments.sequential_mnist import main as sequential_mnist
-from experiments.sequential_mnist import models as rm
 from experiments.sequential_mnist.config import (
     PERMUTED_PIXELS,
     PIXELS,
@@ -17,9 +18,21 @@ from experiments.sequential_mnist.config import (
     SCHEMA,
     check_data,
 )
+from experiments.sequential_mnist.metrics import (
+    BN_LSTM,
+    BN_LSTM_PRECISE,
+    CHECKS,
+    ESTIMATES,
+    NETWORKS,
+    ONE_AT_A_TIME,
+    PER_TIMESTEP,
+    PLOTTED_NORMS,
+    SPLITS,
+    TEST,
+)
 from experiments.sequential_mnist.plots import FIGURES, plot_all
-from tests.experiments.helpers import assert_outputs_whole, load_data, strict_json
-from tests.reference import reference_bn_lstm
+from tests import reference
+from tests.experiments.helpers import assert_outputs_whole, strict_json
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +41,8 @@ def sequential_run(smoke_run):
 
 
 def _smoke_sequences(config):
-    return rm.sequences(
-        load_data(config),
+    return models.sequences(
+        load_for_config(config),
         config["task"],
         config["validation_examples"],
         config["seed"],
@@ -66,28 +79,28 @@ def test_end_to_end(sequential_run):
         assert (out / name).is_file(), name
     assert strict_json(out / "run.json")["state"] == "complete"
     assert metrics["steps"] == [0, 10, 20]
-    for name in rm.NETWORKS:
-        for split in rm.SPLITS:
+    for name in NETWORKS:
+        for split in SPLITS:
             curve = metrics["accuracy"][name][split]
             assert len(curve) == 3 and all(0.0 <= a <= 1.0 for a in curve)
     check = metrics["inference_check"]
     assert check["examples"] == 100
-    assert 0.0 <= check[rm.BATCH_STATS] <= 1.0
-    for estimate in rm.ESTIMATES:
-        assert set(rm.CHECKS) <= set(check[estimate]), estimate
+    assert 0.0 <= check[BATCH_STATS] <= 1.0
+    for estimate in ESTIMATES:
+        assert set(CHECKS) <= set(check[estimate]), estimate
         # One sequence at a time is batched inference, example by example,
         # with the moving averages and with the recomputed statistics alike.
         assert check[estimate]["one_at_a_time_agreement"] == 1.0, estimate
         assert check[estimate]["one_at_a_time_max_abs_difference"] < 1e-5, estimate
-        assert check[estimate][rm.ONE_AT_A_TIME] == check[estimate][rm.PER_TIMESTEP]
+        assert check[estimate][ONE_AT_A_TIME] == check[estimate][PER_TIMESTEP]
     final = metrics["final_accuracy"]
-    assert set(final) == {*rm.NETWORKS, rm.BN_LSTM_PRECISE}
-    assert final[rm.BN_LSTM][rm.TEST] == check[rm.EMA][rm.PER_TIMESTEP]
-    assert final[rm.BN_LSTM_PRECISE][rm.TEST] == check[rm.PRECISE][rm.PER_TIMESTEP]
+    assert set(final) == {*NETWORKS, BN_LSTM_PRECISE}
+    assert final[BN_LSTM][TEST] == check[EMA][PER_TIMESTEP]
+    assert final[BN_LSTM_PRECISE][TEST] == check[PRECISE][PER_TIMESTEP]
     assert metrics["precise_bn"]["sequences"] == 100
     statistics = metrics["population_statistics"]
-    for estimate in rm.ESTIMATES:
-        for norm in rm.PLOTTED_NORMS:
+    for estimate in ESTIMATES:
+        for norm in PLOTTED_NORMS:
             assert np.shape(statistics[estimate][norm]["mean"]) == (28, 2)
     summary = (out / "summary.md").read_text()
     assert "| BN-LSTM, moving averages |" in summary
@@ -102,11 +115,11 @@ def test_saved_models_reproduce_the_check(sequential_run):
     out, metrics = sequential_run
     sequences = _smoke_sequences(metrics["config"])
     check = metrics["inference_check"]
-    for name, estimate in ((rm.BN_LSTM, rm.EMA), (rm.BN_LSTM_PRECISE, rm.PRECISE)):
+    for name, estimate in ((BN_LSTM, EMA), (BN_LSTM_PRECISE, PRECISE)):
         model = keras.saving.load_model(out / f"{name}.keras")
         assert isinstance(model.get_layer("bn_lstm"), bn_keras.BatchNormLSTM)
-        accuracy = rm.accuracy(model, sequences.x_test, sequences.y_test)
-        assert accuracy == check[estimate][rm.PER_TIMESTEP], name
+        accuracy = evaluate.accuracy(model, sequences.x_test, sequences.y_test)
+        assert accuracy == check[estimate][PER_TIMESTEP], name
 
 
 def test_recomputed_statistics_match_a_numpy_reference(sequential_run):
@@ -137,11 +150,11 @@ def test_recomputed_statistics_match_a_numpy_reference(sequential_run):
         )
     }
     x_train = _smoke_sequences(config).x_train
-    sample = rm.precise_sample(x_train, batches * batch_size, config["seed"])
+    sample = evaluate.precise_sample(x_train, batches * batch_size, config["seed"])
     assert sample.shape == (batches * batch_size, 28, 28)
     assert len(np.unique(sample.reshape(len(sample), -1), axis=0)) == len(sample)
     per_batch = [
-        reference_bn_lstm(batch, w, training=True)[3]
+        reference.reference_bn_lstm(batch, w, training=True)[3]
         for batch in np.split(sample, batches)
     ]
     for name, norm in _norms(precise).items():
@@ -163,12 +176,12 @@ def test_sequences_of_each_task():
     )
     data.y_train = np.arange(3)
     data.x_test, data.y_test = data.x_train[:1], data.y_train[:1]
-    rows = rm.sequences(data, ROWS, 1, 0)
+    rows = models.sequences(data, ROWS, 1, 0)
     assert rows.x_train.shape == (2, 28, 28) and rows.x_validation.shape == (1, 28, 28)
     np.testing.assert_array_equal(rows.x_train[0, 1], data.x_train[0, 28:56])
-    pixels = rm.sequences(data, PIXELS, 1, 0)
+    pixels = models.sequences(data, PIXELS, 1, 0)
     assert pixels.x_test.shape == (1, 784, 1)
-    permuted = rm.sequences(data, PERMUTED_PIXELS, 1, 0)
+    permuted = models.sequences(data, PERMUTED_PIXELS, 1, 0)
     # One fixed permutation, the same for every image and split.
     order = np.random.default_rng([0, 784]).permutation(784)
     np.testing.assert_array_equal(permuted.x_train[1, :, 0], data.x_train[1, order])
@@ -204,9 +217,9 @@ def test_shipped_configs_load():
 def test_the_batch_statistics_result_has_the_shared_name(sequential_run):
     """`inference_check.batch_stats`, the name of common.metrics.BATCH_STATS."""
     _, metrics = sequential_run
-    assert rm.BATCH_STATS == BATCH_STATS == "batch_stats"
+    assert evaluate.BATCH_STATS is BATCH_STATS == "batch_stats"
     check = metrics["inference_check"]
-    assert set(check) == {"examples", BATCH_STATS, *rm.ESTIMATES}
+    assert set(check) == {"examples", BATCH_STATS, *ESTIMATES}
     assert "test_batch_statistics" not in check
 
 

@@ -153,13 +153,14 @@ CASES = {
         "population_study",
         ["--set", "train_examples=100", "--set", "precise_bn_batches=5"],
         {},
-        "more than the 100 used",
+        "more than the 100 used; lower 'precise_bn_batches'. "
+        "Received: precise_bn_batches=5",
     ),
     "study with Keras' layer": (
         "population_study",
-        ["--bn-impl", "keras"],
+        ["--set", "bn_impl='keras'"],
         {},
-        "set bn_impl='bn_keras'",
+        "unknown config key 'bn_impl'",
     ),
     "config is a folder": (
         "mnist_mlp",
@@ -350,6 +351,14 @@ def test_mnist_mlp_has_no_resume(capsys):
     with pytest.raises(SystemExit):
         experiment_main("mnist_mlp")(["--resume", "x"])
     assert "unrecognized arguments: --resume" in capsys.readouterr().err
+
+
+def test_population_study_has_no_bn_impl_flag(capsys):
+    """The study always uses bn_keras.BatchNorm: no flag to swap the layer."""
+    with pytest.raises(SystemExit) as info:
+        experiment_main("population_study")(["--bn-impl", "keras"])
+    assert info.value.code == 2
+    assert "unrecognized arguments: --bn-impl keras" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

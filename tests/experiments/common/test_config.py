@@ -8,11 +8,17 @@ import pytest
 from experiments.common.config import (
     ConfigError,
     check_data_size,
+    check_precise_bn_sample,
     config_from_mapping,
     load_config,
     shipped_configs,
 )
-from tests.experiments.helpers import EXPERIMENTS, EXPERIMENTS_DIR, schema
+from tests.experiments.helpers import (
+    EXPERIMENTS,
+    EXPERIMENTS_DIR,
+    schema,
+    smoke_config,
+)
 
 MNIST_MLP = schema("mnist_mlp")
 POPULATION_STUDY = schema("population_study")
@@ -41,8 +47,8 @@ def test_defaults_are_the_figure_1_reproduction():
     assert config["seed"] == 0 and config["seeds"] == [0]
 
 
-def test_study_and_sweep_defaults_are_their_former_configs():
-    """What configs/population_study.toml and configs/lr_sweep.toml set."""
+def test_study_and_sweep_defaults_are_their_full_runs():
+    """The defaults are the full study and sweep; their smoke configs shrink them."""
     study = load_config(POPULATION_STUDY)
     assert study["steps"] == 10000 and study["precise_bn_batches"] == 50
     assert study["hidden_units"] == [100, 100] and study["eval_every"] == 50
@@ -216,6 +222,48 @@ def test_data_size_is_checked_against_the_data():
     with pytest.raises(ConfigError, match="larger than the 50 training examples"):
         check_data_size(config, 50, 10)
     check_data_size(load_config(MNIST_MLP), 60000, 10000)
+
+
+def test_precise_bn_sample_is_checked_against_the_examples_available():
+    config = {"precise_bn_batches": 4, "batch_size": 25}
+    check_precise_bn_sample(config, 100, "used")  # exactly enough
+    with pytest.raises(ConfigError) as info:
+        check_precise_bn_sample(config, 99, "in the pool")
+    assert str(info.value) == (
+        "precise BN draws precise_bn_batches * batch_size = 100 training "
+        "examples, more than the 99 in the pool; lower 'precise_bn_batches'. "
+        "Received: precise_bn_batches=4"
+    )
+
+
+# The experiments that recompute population statistics from training
+# examples: (name, the training examples that just serve its smoke config's
+# precise BN sample, what the error says with one fewer).
+PRECISE_BN = [
+    # 5 batches of 60, from the training examples used.
+    ("population_study", 300, "300 training examples, more than the 299 used"),
+    # 5 batches of 20, from what the 100 validation sequences leave.
+    (
+        "sequential_mnist",
+        200,
+        "100 training examples, more than the 99 left after validation",
+    ),
+]
+
+
+@pytest.mark.parametrize("name, enough, says", PRECISE_BN)
+def test_precise_bn_sample_beyond_the_training_examples(name, enough, says):
+    config = smoke_config(name)
+    check_data = importlib.import_module(f"experiments.{name}.config").check_data
+    experiment = importlib.import_module(f"experiments.{name}.main").EXPERIMENT
+    assert experiment.check is check_data
+    check_data(config, enough)
+    with pytest.raises(ConfigError) as info:
+        check_data(config, enough - 1)
+    assert str(info.value) == (
+        f"precise BN draws precise_bn_batches * batch_size = {says}; lower "
+        "'precise_bn_batches'. Received: precise_bn_batches=5"
+    )
 
 
 def test_a_recorded_config_is_checked_again():

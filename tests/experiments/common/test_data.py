@@ -134,6 +134,40 @@ def test_select_takes_the_first_examples():
     assert [len(a) for a in chosen] == [3, 3, 4, 4]
 
 
+def test_load_for_config_checks_the_whole_data_then_slices(folder, monkeypatch):
+    """The data a config names (here a folder, verified): `check` sees the
+    whole data's sizes, the config gets its first examples."""
+    config = {
+        "data_source": "dir",
+        "data_dir": str(folder),
+        "data_verify": True,
+        "train_examples": 2,
+        "test_examples": 0,
+    }
+    sizes = []
+    mnist = data.load_for_config(config, lambda *sizes_: sizes.append(sizes_))
+    assert sizes == [(5, 3)]
+    whole = data.load_mnist("dir", folder)
+    expected = data.select(whole, 2, 0)
+    for got, want in zip(mnist, expected, strict=True):
+        np.testing.assert_array_equal(got, want)
+    assert [len(a) for a in mnist] == [2, 2, 3, 3]
+    with pytest.raises(data.DataError, match="no such folder"):
+        data.load_for_config({**config, "data_dir": str(folder / "nowhere")})
+    # The data set: "mnist", or the config's `dataset` (lenet_bn's key).
+    calls = []
+    load = data.load_mnist
+    monkeypatch.setattr(
+        data, "load_mnist", lambda *a, **k: calls.append((a, k)) or load(*a, **k)
+    )
+    data.load_for_config(config)
+    data.load_for_config({**config, "data_verify": False, "dataset": "fashion_mnist"})
+    assert calls == [
+        (("dir", str(folder)), {"verify": True, "dataset": "mnist"}),
+        (("dir", str(folder)), {"verify": False, "dataset": "fashion_mnist"}),
+    ]
+
+
 def test_data_dir_argument_wins_over_env_var(folder, monkeypatch, tmp_path_factory):
     monkeypatch.setenv(data.ENV_VAR, str(tmp_path_factory.mktemp("empty")))
     assert data.load_mnist("dir", str(folder)).x_test.shape == (3, 784)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from experiments.common import run as run_lib
+from experiments.common.metrics import METRICS_FILE, SUMMARY_FILE, environment
 from experiments.common.run import (
     TEST_SIGNAL_VAR,
     Interrupted,
@@ -287,6 +288,25 @@ def test_state_running_then_complete_written_last(tmp_path):
     state = read_state(run.path)
     assert state["state"] == "complete" and state["experiment"] == "exp"
     assert "step" not in state
+
+
+def test_write_outputs_records_the_environment(tmp_path, capsys):
+    """The metrics file gains `environment`; the figures are drawn from the
+    file written, then the summary is written (and printed with progress)."""
+    run = RunDir.claim("exp", tmp_path / "run")
+    metrics = {"accuracy": 0.5}
+    drawn = []
+
+    def plot(path, out_dir):
+        drawn.append((strict_json(path), out_dir))
+
+    run.write_outputs(metrics, plot, "| summary |\n", progress=True)
+    run.complete()
+    expected = {"accuracy": 0.5, "environment": environment()}
+    assert strict_json(run.path / METRICS_FILE) == expected == metrics
+    assert drawn == [(expected, run.path)]
+    assert (run.path / SUMMARY_FILE).read_text() == "| summary |\n"
+    assert capsys.readouterr().out == f"| summary |\n\nOutputs in {run.path}\n"
 
 
 KILLED_AT = """
