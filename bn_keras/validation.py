@@ -4,15 +4,21 @@ import math
 import operator
 from typing import Any
 
+import numpy as np
 from keras import initializers
 
 RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
+
+# The moments, and the float32 population statistics, are at least float32
+# (also under mixed precision): an epsilon outside the normal float32 range
+# vanishes (or is flushed to zero on XLA) or overflows there.
+_FLOAT32 = np.finfo(np.float32)
 
 
 def to_float(value, name):
     """`float(value)`, or a ValueError that quotes the argument."""
     try:
-        if isinstance(value, bool):
+        if isinstance(value, (bool, np.bool_)):
             raise TypeError
         return float(value)
     except (TypeError, ValueError):
@@ -21,22 +27,36 @@ def to_float(value, name):
         ) from None
 
 
+def to_int(value: Any) -> int | None:
+    """`value` as a Python int if it is an integer, else None.
+
+    Integers are what `operator.index` accepts: Python and NumPy integers and
+    0-d integer arrays, as `int()` in Keras' layer. Bools, floats and strings
+    are not integers here (Keras' `int(axis)` would turn `1.5` into `1`).
+    """
+    if isinstance(value, (bool, np.bool_)):
+        return None
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
 def validate_axis(axis):
-    """An int or a non-empty tuple of distinct ints (a list becomes a tuple)."""
-    if isinstance(axis, bool):
-        raise ValueError(
-            f"`axis` must be an int or a tuple of ints. Received: axis={axis}"
-        )
-    if isinstance(axis, int):
-        return axis
-    if (
-        isinstance(axis, (list, tuple))
-        and axis
-        and all(isinstance(a, int) and not isinstance(a, bool) for a in axis)
-    ):
-        if len(set(axis)) != len(axis):
-            raise ValueError(f"`axis` has a repeated entry. Received: axis={axis}")
-        return tuple(axis)
+    """An int or a non-empty tuple of distinct ints (a list becomes a tuple).
+
+    NumPy integers are accepted, as by `keras.layers.BatchNormalization`, and
+    stored as Python ints (so that the config is plain JSON).
+    """
+    integer = to_int(axis)
+    if integer is not None:
+        return integer
+    if isinstance(axis, (list, tuple)) and axis:
+        axes = tuple(to_int(a) for a in axis)
+        if None not in axes:
+            if len(set(axes)) != len(axes):
+                raise ValueError(f"`axis` has a repeated entry. Received: axis={axis}")
+            return axes
     raise ValueError(
         f"`axis` must be an int or a non-empty tuple of ints. Received: axis={axis!r}"
     )
@@ -62,10 +82,18 @@ def resolve_axes(axis, rank, input_shape):
 
 
 def validate_epsilon(epsilon):
+    """A positive float that neither vanishes nor overflows in float32."""
     value = to_float(epsilon, "epsilon")
     if not 0 < value < math.inf:
         raise ValueError(
             f"`epsilon` must be a positive float. Received: epsilon={epsilon!r}"
+        )
+    if not _FLOAT32.tiny <= value <= _FLOAT32.max:
+        raise ValueError(
+            "`epsilon` must be within the normal float32 range "
+            f"[{_FLOAT32.tiny:.4g}, {_FLOAT32.max:.4g}], the dtype of the "
+            "moments and of the population statistics: outside it, it is 0 "
+            f"or inf there. Received: epsilon={epsilon!r}"
         )
     return value
 
@@ -120,13 +148,8 @@ def validate_positive_int(value: Any, name: str) -> int:
     Raises:
         ValueError: If `value` is not a positive integer.
     """
-    try:
-        if isinstance(value, bool):
-            raise TypeError
-        integer = operator.index(value)
-    except TypeError:
-        integer = 0
-    if integer < 1:
+    integer = to_int(value)
+    if integer is None or integer < 1:
         raise ValueError(
             f"`{name}` must be a positive integer. Received: {name}={value!r}"
         )
@@ -151,21 +174,19 @@ def clone_initializer(initializer: Any) -> Any:
 
 
 def validate_virtual_batch_size(value):
+    """None, or a positive integer (a float that is one, e.g. `4.0`, too)."""
     if value is None:
         return None
-    valid = (
-        isinstance(value, (int, float))
-        and not isinstance(value, bool)
-        and math.isfinite(value)
-        and value == int(value)
-        and value >= 1
-    )
-    if not valid:
+    integer = to_int(value)
+    if integer is None and isinstance(value, (float, np.floating)):
+        if math.isfinite(value) and value == int(value):
+            integer = int(value)
+    if integer is None or integer < 1:
         raise ValueError(
             "`virtual_batch_size` must be a positive integer or None. "
             f"Received: virtual_batch_size={value!r}"
         )
-    return int(value)
+    return integer
 
 
 def validate_renorm_clipping(clipping):
@@ -183,13 +204,23 @@ def validate_renorm_clipping(clipping):
             f"{unknown}. Supported values: {list(RENORM_CLIPPING_KEYS)}. "
             f"Received: renorm_clipping={clipping}"
         )
-    try:
-        clipping = {k: (None if v is None else float(v)) for k, v in clipping.items()}
-    except (TypeError, ValueError):
-        raise ValueError(
-            "`renorm_clipping` values must be numbers or None. "
-            f"Received: renorm_clipping={clipping!r}"
-        ) from None
+    original = clipping
+    clipping = {}
+    for key, value in original.items():
+        name = f"renorm_clipping['{key}']"
+        try:
+            value = None if value is None else to_float(value, name)
+        except ValueError:
+            raise ValueError(
+                f"`{name}` must be a number or None. "
+                f"Received: renorm_clipping={original!r}"
+            ) from None
+        if value is not None and math.isnan(value):
+            raise ValueError(
+                f"`{name}` must not be NaN: every renorm correction would be "
+                f"NaN. Received: renorm_clipping={original!r}"
+            )
+        clipping[key] = value
     rmax, rmin, dmax = (clipping.get(k) for k in RENORM_CLIPPING_KEYS)
     if rmax is not None and rmin is not None and rmax < rmin:
         raise ValueError(
@@ -201,4 +232,20 @@ def validate_renorm_clipping(clipping):
             "dmax should be non-negative in the `renorm_clipping` argument. "
             f"Received: dmax={dmax}"
         )
-    return clipping
+    # r is a ratio of standard deviations, positive and finite: a bound
+    # that clips every r to 0 or to infinity makes every output beta, inf
+    # or NaN. Infinite bounds on the open side mean "no clipping".
+    if rmax is not None and not rmax > 0:
+        raise ValueError(
+            "rmax should be positive in the `renorm_clipping` argument (r is "
+            f"a ratio of standard deviations). Received: rmax={rmax}"
+        )
+    if rmin is not None and rmin == math.inf:
+        raise ValueError(
+            "rmin should be finite in the `renorm_clipping` argument (it would "
+            f"clip every r to infinity). Received: rmin={rmin}"
+        )
+    # An infinite rmax or dmax, or rmin=-inf, clips nothing: the same as
+    # leaving the key out, and stored as None (the config stays strict JSON).
+    no_clipping = {"rmax": math.inf, "rmin": -math.inf, "dmax": math.inf}
+    return {k: (None if v == no_clipping[k] else v) for k, v in clipping.items()}
