@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import collections.abc
 import itertools
 import warnings
 from typing import Any
 
 import keras
 import numpy as np
-from keras import ops
+from keras import ops, tree
+
+# Keras' own data adapters, which `model.fit` and `model.predict` read their
+# data through; there is no public API for them.
+from keras.src.trainers.data_adapters import (
+    TFDatasetAdapter,
+    array_data_adapter,
+    get_data_adapter,
+    is_tf_dataset,
+    is_torch_dataloader,
+)
 from tqdm.auto import tqdm
 
 from bn_keras.batch_norm import BatchNorm
+from bn_keras.validation import validate_positive_int
 
 
 def batch_norm_layers(model: keras.Model) -> list[keras.layers.Layer]:
@@ -58,19 +70,45 @@ def recompute_statistics(
     so trainable weights, other non-trainable weights (counters, renorm
     statistics) and the optimizer are untouched.
 
+    A frozen BN layer (`trainable=False`) normalizes with its population
+    statistics in training mode too, as in `model.fit`: it is skipped, with a
+    warning naming it, keeps its statistics, and the layers after it are
+    recomputed from its inference-mode output.
+
+    `data` is read as `model.predict` reads its `x`:
+
+    - Arrays (NumPy, tensors) or a dict, list or tuple of them, nested as the
+      model's inputs, are the model's inputs, as `model.fit(x=...)` takes
+      them: `(x1, x2)` is two inputs, never `(x, y)`. They are split into
+      batches of `batch_size`.
+    - A `tf.data.Dataset`, a `keras.utils.PyDataset`, a torch `DataLoader`, a
+      generator or any other iterable yields batches, each unpacked as Keras
+      unpacks them (`keras.utils.unpack_x_y_sample_weight`): `(x,)`,
+      `(x, y)` or `(x, y, sample_weight)`, where `x` is the model's inputs
+      (an array, or a dict, list or tuple of arrays), or `x` alone when the
+      batch is not a tuple or list. A two-input model's batch is thus
+      `((x1, x2), y)` or `((x1, x2),)`.
+
     Args:
         model: A built Keras model holding `bn_keras.BatchNorm` or
             `keras.layers.BatchNormalization` layers, at any depth.
-        data: A `tf.data.Dataset` or any iterable of batches (each an input
-            array or a tuple whose first element is the input), or a NumPy
-            array / tensor of inputs, split into batches of `batch_size`.
-        batch_size: Batch size for array `data`; the statistics are those of
-            training, so use the training batch size.
-        steps: Number of batches to use (default: all of `data`).
+        data: The model's inputs as arrays, or a dataset or iterable of
+            batches (see above). Targets and sample weights are ignored.
+        batch_size: Batch size for array `data`, a positive integer; the
+            statistics are those of training, so use the training batch size.
+            A last batch of a single example is left out.
+        steps: Number of batches to use, a positive integer (default: all of
+            `data`).
         progress: Show a progress bar.
 
     Returns:
-        `{layer name: (mean, variance)}`, the NumPy values assigned.
+        `{layer name: (mean, variance)}`, the NumPy values assigned (frozen
+        layers are not in it).
+
+    Raises:
+        ValueError: If `batch_size` or `steps` is not a positive integer,
+            `data` does not fit the model's inputs, yields no batch or holds a
+            NaN or inf, or every BN layer is frozen.
 
     Reference:
         - [Ioffe & Szegedy, 2015](https://arxiv.org/abs/1502.03167),
@@ -78,6 +116,10 @@ def recompute_statistics(
         - [Wu & Johnson, 2021](https://arxiv.org/abs/2105.07576),
           "Rethinking 'Batch' in BatchNorm", Section 3.
     """
+    if batch_size is not None:
+        batch_size = validate_positive_int(batch_size, "batch_size")
+    if steps is not None:
+        steps = validate_positive_int(steps, "steps")
     layers = batch_norm_layers(model)
     if not layers:
         raise ValueError(
@@ -85,11 +127,25 @@ def recompute_statistics(
         )
     if not model.built:
         raise ValueError(f"Model {model.name!r} must be built before recomputing.")
-    if steps is not None and steps < 1:
-        raise ValueError(f"`steps` must be a positive integer. Received: steps={steps}")
-    batches = _batches(data, batch_size)
+    frozen = [layer.name for layer in layers if not layer.trainable]
+    layers = [layer for layer in layers if layer.trainable]
+    if not layers:
+        raise ValueError(
+            f"Every batch-normalization layer of model {model.name!r} is frozen "
+            "(`trainable=False`): frozen layers keep their statistics, so there "
+            f"is nothing to recompute. Frozen layers: {frozen}"
+        )
+    if frozen:
+        warnings.warn(
+            f"Precise BN skips the frozen (`trainable=False`) layers {frozen}: "
+            "they normalize with their population statistics in training too, "
+            "and keep them.",
+            stacklevel=2,
+        )
+    batches, total_steps = _batches(data, batch_size, _input_count(model))
     if steps is not None:
         batches = itertools.islice(batches, steps)
+        total_steps = steps if total_steps is None else min(steps, total_steps)
 
     position = {id(v): i for i, v in enumerate(model.non_trainable_variables)}
     slots = [
@@ -116,7 +172,7 @@ def recompute_statistics(
     saved = [_capture_batch_statistics(layer) for layer in layers]
     try:
         for step, x in enumerate(
-            tqdm(batches, total=steps, disable=not progress, desc="precise BN")
+            tqdm(batches, total=total_steps, disable=not progress, desc="precise BN")
         ):
             if not _all_finite(x):
                 raise ValueError(
@@ -124,7 +180,7 @@ def recompute_statistics(
                     "recomputed."
                 )
             statistics = run(trainable, non_trainable, x)
-            examples = int(ops.shape(x)[0])
+            examples = int(ops.shape(tree.flatten(x)[0])[0])
             for total, (mean, variance) in zip(totals, statistics, strict=True):
                 total.add(
                     examples, ops.convert_to_numpy(mean), ops.convert_to_numpy(variance)
@@ -215,8 +271,11 @@ def _capture_batch_statistics(layer):
 
 
 def _all_finite(x):
-    values = ops.convert_to_numpy(x)
-    return not np.issubdtype(values.dtype, np.inexact) or np.isfinite(values).all()
+    for value in tree.flatten(x):
+        values = ops.convert_to_numpy(value)
+        if np.issubdtype(values.dtype, np.inexact) and not np.isfinite(values).all():
+            return False
+    return True
 
 
 class _Pooled:
@@ -259,26 +318,138 @@ class _Pooled:
         return self.m2 / np.maximum(self.count, 1.0)
 
 
-def _batches(data, batch_size):
-    """Yields input batches from a dataset, an iterable or an array."""
-    if hasattr(data, "shape") and hasattr(data, "dtype"):
+def _input_count(model):
+    """How many input arrays `model` takes, or None where it does not say."""
+    try:
+        inputs = model.inputs
+    except (AttributeError, ValueError):
+        return None
+    return len(tree.flatten(inputs)) if inputs else None
+
+
+def _describe(structure):
+    """`structure` with each array replaced by its shape, for a message."""
+    return tree.map_structure(
+        lambda value: (
+            f"array{tuple(value.shape)}" if hasattr(value, "shape") else value
+        ),
+        structure,
+    )
+
+
+def _check_inputs(x, count, where, rule):
+    """A ValueError unless `x` holds as many arrays as the model takes."""
+    if count is None or len(tree.flatten(x)) == count:
+        return
+    raise ValueError(
+        f"The model takes {count} input array(s), but {where} holds "
+        f"{len(tree.flatten(x))}. {rule} Received: {_describe(x)}"
+    )
+
+
+ARRAY_RULE = (
+    "Array `data` is the model's inputs, as `x` in `model.fit(x=...)`: "
+    "`(x1, x2)` is two inputs, not `(x, y)`; pass the inputs alone, or batches "
+    "as a generator or dataset."
+)
+BATCH_RULE = (
+    "Each batch is unpacked as in `model.fit`: `(x,)`, `(x, y)` or "
+    "`(x, y, sample_weight)`, or `x` alone when it is not a tuple or list; "
+    "a two-input model's batch is `((x1, x2), y)` or `((x1, x2),)`."
+)
+
+
+def _batches(data, batch_size, input_count):
+    """`(iterator of input batches, number of batches or None)` from `data`.
+
+    Arrays and Keras' data types go through Keras' data adapters, read as
+    the backend's train step reads them; other iterables batch by batch.
+    """
+    if array_data_adapter.can_convert_arrays((data,)):
+        arrays = tree.flatten(data)
+        if not arrays:
+            raise ValueError("`data` yielded no batch: nothing to recompute from.")
         if batch_size is None:
+            hint = (
+                " A list or tuple of arrays is the model's inputs, as in "
+                "`model.fit(x=...)`; pass a list of batches as `iter(batches)`."
+                if isinstance(data, (list, tuple))
+                else ""
+            )
             raise ValueError(
                 "`batch_size` is needed to split an array into batches; use the "
-                "training batch size."
+                f"training batch size.{hint}"
             )
-        for start in range(0, data.shape[0], batch_size):
+        _check_inputs(data, input_count, "`data`", ARRAY_RULE)
+        examples = int(arrays[0].shape[0])
+        if examples > 1 and examples % batch_size == 1:
             # A last batch of one example has no spread to measure (BatchNorm
             # refuses it in training mode); it is left out.
-            if data.shape[0] - start > 1 or start == 0:
-                yield data[start : start + batch_size]
-        return
+            data = tree.map_structure(lambda value: value[: examples - 1], data)
+        adapter = get_data_adapter(data, batch_size=batch_size, shuffle=False)
+        # The adapter yields `x`, or `(x,)` when `x` is a tuple or list.
+        return _unpacked(_adapted(adapter), input_count), adapter.num_batches
     if batch_size is not None:
         raise ValueError(
             "`batch_size` applies to array data only; batch the dataset itself. "
             f"Received: batch_size={batch_size}"
         )
-    for batch in data:
-        batch = batch[0] if isinstance(batch, (tuple, list)) else batch
-        # A tf.data batch on the JAX or torch backend goes through NumPy.
-        yield batch if ops.is_tensor(batch) else np.asarray(batch)
+    if (
+        is_tf_dataset(data)
+        or is_torch_dataloader(data)
+        or isinstance(data, keras.utils.PyDataset)
+    ):
+        adapter = get_data_adapter(data, shuffle=False)
+        return _unpacked(_adapted(adapter), input_count), adapter.num_batches
+    if isinstance(data, (str, bytes, collections.abc.Mapping)) or not isinstance(
+        data, collections.abc.Iterable
+    ):
+        raise ValueError(
+            "`data` must be the model's inputs as arrays (a dict, list or tuple "
+            "of them for several inputs), a dataset, or an iterable of batches. "
+            f"Received: data of type {type(data).__name__}"
+        )
+    converted = (
+        tree.map_structure(
+            # A tf.data batch on the JAX or torch backend goes through NumPy.
+            lambda value: value if ops.is_tensor(value) else np.asarray(value),
+            batch,
+        )
+        for batch in data
+    )
+    return _unpacked(converted, input_count), None
+
+
+def _adapted(adapter):
+    """The adapter's batches, in the backend's own tensors where it has them.
+
+    On TensorFlow only a `tf.data.Dataset` stays one: other data go through
+    NumPy, which the compiled step takes as well, rather than through
+    `tf.data.Dataset.from_generator`, which refuses list-structured inputs.
+    """
+    backend = keras.backend.backend()
+    adapter.on_epoch_begin()
+    try:
+        if backend == "tensorflow" and isinstance(adapter, TFDatasetAdapter):
+            yield from adapter.get_tf_dataset()
+        elif backend == "jax":
+            yield from adapter.get_jax_iterator()
+        elif backend == "torch":
+            yield from adapter.get_torch_dataloader()
+        else:
+            yield from adapter.get_numpy_iterator()
+    finally:
+        adapter.on_epoch_end()
+
+
+def _unpacked(batches, input_count):
+    """The inputs `x` of each `(x,)`, `(x, y)`, `(x, y, w)` or `x` batch."""
+    for step, batch in enumerate(batches):
+        if isinstance(batch, (tuple, list)) and not 1 <= len(batch) <= 3:
+            raise ValueError(
+                f"Batch {step} of `data` is a {type(batch).__name__} of "
+                f"{len(batch)} elements. {BATCH_RULE} Received: {_describe(batch)}"
+            )
+        x, _, _ = keras.utils.unpack_x_y_sample_weight(batch)
+        _check_inputs(x, input_count, f"batch {step} of `data`", BATCH_RULE)
+        yield x
