@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import keras
@@ -18,7 +19,7 @@ from bn_keras import (
 from bn_keras import fused as fused_kernel
 from bn_keras.moments import (
     Moments,
-    fold,
+    fold_centered,
     moments,
     normalize,
     normalize_broadcast,
@@ -367,11 +368,17 @@ class BatchNorm(keras.layers.Layer):
     def compute_output_shape(self, input_shape):
         return input_shape
 
+    def __call__(self, *args, **kwargs):
+        # Before Keras' own conversion to the layer's dtype, which would drop
+        # the imaginary part of a complex input.
+        validation.check_real_input(args[0] if args else kwargs.get("inputs"))
+        return super().__call__(*args, **kwargs)
+
     def call(self, inputs, training=None, mask=None):
         # At least float32 (as Keras), float64 kept: written out because
         # Keras' torch backend promotes float64 with float32 to float32.
         float64 = keras.backend.standardize_dtype(inputs.dtype) == "float64"
-        x = ops.cast(inputs, "float64" if float64 else "float32")
+        x = self._check_features(ops.cast(inputs, "float64" if float64 else "float32"))
         if mask is not None:
             # Validated in inference too: a wrong mask is a bug either way.
             mask = masking.broadcast_mask(mask, x)
@@ -380,6 +387,25 @@ class BatchNorm(keras.layers.Layer):
         else:
             outputs = self._inference_call(x)
         return ops.cast(outputs, self.compute_dtype)
+
+    def _check_features(self, x):
+        """`x`, checked to have the feature sizes the layer was built for.
+
+        Keras' input spec misses a wrong size in some graphs (a `Sequential`
+        model without an `Input`, fitted again on other data), where the
+        error would come from a broadcast deep in the step: a `ValueError`
+        where the size is known, an assertion that prints the shape where not.
+        """
+        for axis, size in zip(self._axes, self._param_shape, strict=True):
+
+            def message(input_shape, axis=axis, size=size):
+                return checks.features_message(self.name, axis, size, input_shape)
+
+            if x.shape[axis] is not None:
+                x = checks.require(x.shape[axis] == size, message, x)
+            else:
+                x = checks.require(ops.shape(x)[axis] == size, message, x)
+        return x
 
     def _inference_call(self, x):
         mean, variance = self._population_statistics(x)
@@ -415,7 +441,8 @@ class BatchNorm(keras.layers.Layer):
     def _train_call(self, x, mask):
         shape = ops.shape(x)
         batch = shape[0]
-        x = checks.require(batch > 0, checks.empty_batch_message(x.shape), x)
+        x = checks.require(batch > 0, checks.empty_batch_message, x)
+        inputs = x
         if fused_kernel.in_training(self._fused, x, mask):
             return self._fused_train_call(x)
         ghosts = self.virtual_batch_size is not None
@@ -429,10 +456,13 @@ class BatchNorm(keras.layers.Layer):
         batch_moments = moments(x, reduction_axes, mask, self.synchronized)
         count = self._most_values_per_feature(x, reduction_axes, batch_moments, mask)
         if count is not None:
-            message = checks.single_value_message(
-                shape, self._reduction_axes, self.virtual_batch_size
-            )
-            x = checks.require(count > 1, message, x)
+
+            def message(input_shape):
+                return checks.single_value_message(
+                    input_shape, self._reduction_axes, self.virtual_batch_size
+                )
+
+            x = checks.require(count > 1, message, x, shapes=(inputs,))
 
         mean = batch_moments.mean + batch_moments.shift
         variance = batch_moments.variance
@@ -445,15 +475,16 @@ class BatchNorm(keras.layers.Layer):
 
         # Folded around the shift: `(x - shift) * a + b` adds no op and does
         # not cancel large terms when the mean is large.
-        multiplier, offset = fold(
-            batch_moments.mean, variance, gamma, beta, self.epsilon
-        )
+        multiplier, offset = fold_centered(batch_moments, gamma, beta, self.epsilon)
         outputs = batch_moments.centered * multiplier + offset
         return virtual_batch.merge(outputs, shape) if ghosts else outputs
 
     def _fused_train_call(self, x):
         count = static_count(x, self._reduction_axes)
-        message = checks.single_value_message(x.shape, self._reduction_axes, None)
+
+        def message(input_shape):
+            return checks.single_value_message(input_shape, self._reduction_axes, None)
+
         x = checks.require(count > 1, message, x)
         outputs, mean, variance = fused_kernel.train(
             x,
@@ -508,6 +539,55 @@ class BatchNorm(keras.layers.Layer):
             return variable
         return ops.reshape(variable, broadcast_shape)
 
+    # `fused=True` from a config loaded where the backend has no fused
+    # kernel: the layer runs without it, and saves it again as asked.
+    _fused_in_config = None
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> BatchNorm:
+        """Creates a layer from its config (`get_config`'s output).
+
+        A bad value or an unknown key raises a one-line `ValueError` that
+        names the layer and quotes the constructor's reason ("Received:
+        momentum=7.0"). Keras' own `from_config` would turn it into a
+        `TypeError`, which `keras.saving` wraps in a long "could not be
+        deserialized" message with the reason last; a `ValueError` reaches
+        the user as it is, also from `keras.saving.load_model`.
+
+        A config with `fused=True` loaded on a backend without the fused
+        kernel (a model saved on TensorFlow, loaded on JAX or torch) gives a
+        layer that runs without it, with a warning: `fused` changes the
+        speed, not the results. Its `get_config` still says `fused=True`.
+        Constructing `BatchNorm(fused=True)` on such a backend stays an
+        error.
+        """
+        config = dict(config)
+        if isinstance(config.get("dtype"), dict):
+            policy = keras.dtype_policies.deserialize(config["dtype"])
+            if (
+                not isinstance(policy, keras.dtype_policies.DTypePolicyMap)
+                and policy.quantization_mode is None
+            ):
+                policy = policy.name
+            config["dtype"] = policy
+        why = None
+        if config.get("fused") is True:
+            why = fused_kernel.backend_unavailable()
+        try:
+            if why is None:
+                return cls(**config)
+            layer = cls(**{**config, "fused": None})
+        except ValueError as error:
+            raise ValueError(
+                f"Cannot create {cls.__name__} layer {config.get('name')!r} from "
+                f"its config: {error}"
+            ) from error
+        layer._fused_in_config = True
+        warnings.warn(
+            fused_kernel.loaded_elsewhere_warning(layer.name, why), stacklevel=2
+        )
+        return layer
+
     def get_config(self):
         config = {
             "axis": self.axis,
@@ -534,6 +614,8 @@ class BatchNorm(keras.layers.Layer):
             "debias": self.debias,
             "unbiased_variance": self.unbiased_variance,
             "virtual_batch_size": self.virtual_batch_size,
-            "fused": self.fused,
+            "fused": self.fused
+            if self._fused_in_config is None
+            else self._fused_in_config,
         }
         return {**super().get_config(), **config}

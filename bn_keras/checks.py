@@ -13,18 +13,22 @@ import keras
 import numpy as np
 
 
-def require(condition, message, x):
+def require(condition, message, x, shapes=None):
     """Raises `ValueError(message)` unless `condition`, now or at run time.
 
     `condition` is a Python or NumPy boolean, or a scalar boolean tensor.
-    Returns `x`; inside a TensorFlow graph, `x` made to wait for the
-    assertion, so that nothing computed from it (a reshape that would fail
-    with a less clear message) runs first. A traced JAX value cannot raise:
-    it is not checked.
+    `message` is a string, or a function that takes the shapes of the
+    tensors `shapes` (default: `(x,)`), as tuples of integers, and returns
+    the message; inside a TensorFlow graph those shapes are the run-time
+    ones, printed as numbers. Returns `x`; inside a TensorFlow graph, `x`
+    made to wait for the assertion, so that nothing computed from it (a
+    reshape that would fail with a less clear message) runs first. A traced
+    JAX value cannot raise: it is not checked.
     """
+    shapes = (x,) if shapes is None else tuple(shapes)
     if isinstance(condition, (bool, np.bool_)):
         if not condition:
-            raise ValueError(message)
+            raise ValueError(_text(message, shapes))
         return x
     backend = keras.backend.backend()
     if backend == "tensorflow":
@@ -32,19 +36,72 @@ def require(condition, message, x):
 
         if tf.executing_eagerly():
             if not bool(condition):
-                raise ValueError(message)
+                raise ValueError(_text(message, shapes))
             return x
-        with tf.control_dependencies([tf.debugging.Assert(condition, [message])]):
+        assertion = tf.debugging.Assert(condition, [_graph_text(message, shapes)])
+        with tf.control_dependencies([assertion]):
             return tf.identity(x)
     if backend == "torch" and not bool(condition):
-        raise ValueError(message)
+        raise ValueError(_text(message, shapes))
     return x
 
 
-def batch_size_message(batch_size, virtual_batch_size):
+def _text(message, shapes):
+    if not callable(message):
+        return message
+    return message(*(tuple(int(d) for d in keras.ops.shape(t)) for t in shapes))
+
+
+# Stands for the i-th shape in a message built inside a TensorFlow graph,
+# then replaced by the run-time shape (Python's str of a symbolic dimension
+# would print the tensor's name, not its value).
+_MARKER = "\x00shape{}\x00"
+
+
+class _RunTimeShape(tuple):
+    def __new__(cls, index, rank):
+        return super().__new__(cls, (None,) * rank)
+
+    def __init__(self, index, rank):
+        self.marker = _MARKER.format(index)
+
+    def __str__(self):
+        return self.marker
+
+    __repr__ = __str__
+
+
+def _graph_text(message, shapes):
+    """The message as a string tensor, shapes formatted at run time."""
+    import tensorflow as tf
+
+    if not callable(message):
+        return message
+    text = message(*(_RunTimeShape(i, len(t.shape)) for i, t in enumerate(shapes)))
+    pieces = [text]
+    for i, t in enumerate(shapes):
+        marker = _MARKER.format(i)
+        dims = tf.strings.reduce_join(tf.strings.as_string(tf.shape(t)), separator=", ")
+        shape = tf.strings.join(["(", dims, "," if len(t.shape) == 1 else "", ")"])
+        split = []
+        for piece in pieces:
+            if isinstance(piece, str) and marker in piece:
+                parts = piece.split(marker)
+                for j, part in enumerate(parts):
+                    if j:
+                        split.append(shape)
+                    split.append(part)
+            else:
+                split.append(piece)
+        pieces = split
+    return tf.strings.join(pieces)
+
+
+def batch_size_message(input_shape, virtual_batch_size):
     """The error for a batch size that ghost batches cannot split."""
     return (
-        f"The batch size{_value(batch_size)} is not a multiple of "
+        f"The batch size (the first dimension of the input shape "
+        f"{_shape(input_shape)}) is not a multiple of "
         f"virtual_batch_size={virtual_batch_size}. Use a batch size that it "
         "divides (drop or pad the last, incomplete batch), or another "
         "virtual_batch_size."
@@ -79,9 +136,26 @@ def empty_batch_message(input_shape):
     )
 
 
-def _value(size):
-    return f" {size}" if isinstance(size, int) else ""
+def features_message(name, axis, expected, input_shape):
+    """The error for an input whose feature axis differs from the built one."""
+    return (
+        f"Layer '{name}' was built for inputs with {expected} features on axis "
+        f"{axis}, and this input has another number. Received: "
+        f"inputs.shape={_shape(input_shape)}"
+    )
+
+
+def mask_message(mask_shape, input_shape):
+    """The error for a mask that is not the input's shape without its last axis."""
+    return (
+        "The mask must have the input's shape without its last axis (Keras' "
+        "convention), the same batch size included. "
+        f"Received: mask.shape={_shape(mask_shape)}, "
+        f"inputs.shape={_shape(input_shape)}"
+    )
 
 
 def _shape(shape):
-    return tuple(shape)
+    if isinstance(shape, _RunTimeShape):
+        return str(shape)
+    return str(tuple(shape))

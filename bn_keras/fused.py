@@ -17,9 +17,10 @@ in one kernel, forward and backward (tf-keras' `fused=True`). It applies to
 With `fused=None` the layer uses it for channels-last inputs only, and in
 training only on 4-D and 5-D inputs, where it is faster than the unfused ops
 on a CPU; `fused=True` asks for it wherever it applies, and is an error where
-it cannot. The whole decision is here: `check_request` when the layer is
-created, `plan` when it is built, `in_training` and `in_inference` when it
-runs.
+it cannot; a saved `fused=True` layer loaded on JAX or torch (a `.keras`
+file is portable across backends) runs without it, with a warning. The
+whole decision is here: `check_request` when the layer is created, `plan`
+when it is built, `in_training` and `in_inference` when it runs.
 
 The kernel returns the batch mean and the *unbiased* batch variance; the
 layer turns the latter back into the biased variance before its own guarded
@@ -68,15 +69,32 @@ def unavailable(epsilon: float) -> str | None:
         The reason, to complete "the fused kernel cannot be used: ...", or
             None.
     """
-    backend = keras.backend.backend()
-    if backend != "tensorflow":
-        return f"the fused kernel is TensorFlow's, and the backend is {backend}"
+    why = backend_unavailable()
+    if why is not None:
+        return why
     if epsilon < MIN_EPSILON:
         return (
             f"the kernel needs epsilon >= {MIN_EPSILON} (cuDNN's minimum), "
             f"and epsilon={epsilon}"
         )
     return None
+
+
+def backend_unavailable() -> str | None:
+    """Why the backend has no fused kernel, or None on TensorFlow."""
+    backend = keras.backend.backend()
+    if backend != "tensorflow":
+        return f"the fused kernel is TensorFlow's, and the backend is {backend}"
+    return None
+
+
+def loaded_elsewhere_warning(name: str, why: str) -> str:
+    """The warning for a `fused=True` config loaded where there is no kernel."""
+    return (
+        f"BatchNorm layer '{name}' was saved with fused=True, but {why}: it "
+        "runs without the kernel (the same results, the kernel is only "
+        "faster). Its config keeps fused=True for TensorFlow."
+    )
 
 
 def training_unsupported(

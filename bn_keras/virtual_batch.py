@@ -15,7 +15,11 @@ def split(x, mask, size):
     batch = x.shape[0]
     if batch is None:
         batch = ops.shape(x)[0]
-    x = checks.require(batch % size == 0, checks.batch_size_message(batch, size), x)
+
+    def message(input_shape):
+        return checks.batch_size_message(input_shape, size)
+
+    x = checks.require(batch % size == 0, message, x)
     shape = (-1, size) + tuple(ops.shape(x)[1:])
     x = ops.reshape(x, shape)
     if mask is not None:
