@@ -16,11 +16,15 @@ from bn_keras.distributed import all_reduce_sum, num_replicas
 class Moments(NamedTuple):
     """Batch moments per feature, kept as size-1 dims over the reduced axes.
 
-    `centered` is `x - shift` and `mean` the mean of `centered`, so that the
-    batch mean is `mean + shift`; `variance` is biased. `count` is the number
-    of values per feature: a Python int when the shape is static, a scalar
-    tensor when it is known only at run time, and a per-feature tensor under a
-    mask or across replicas.
+    `mean` is the mean of `x - shift`, so that the batch mean is
+    `mean + shift`; `variance` is biased (inf where it exceeds the dtype's
+    range). `centered` is `(x - shift) / scale`, and `scaled_variance` its
+    variance: `scale` is 1 unless the deviations are so large (above 2**40)
+    that their squares could overflow, where it is a power of two at least
+    the largest deviation. `count` is the number of values per feature: a
+    Python int when the shape is static, a scalar tensor when it is known
+    only at run time, and a per-feature tensor under a mask or across
+    replicas.
     """
 
     centered: object
@@ -28,6 +32,8 @@ class Moments(NamedTuple):
     variance: object
     count: object
     shift: object
+    scale: object = 1.0
+    scaled_variance: object = None
 
 
 def moments(x, axes, mask=None, synchronized=False):
@@ -50,7 +56,8 @@ def moments(x, axes, mask=None, synchronized=False):
         slice(0, 1) if i in axes else slice(None) for i in range(len(x.shape))
     )
     shift = ops.stop_gradient(x[first])
-    centered = x - shift
+    scale = _deviation_scale(x - shift, axes)
+    centered = (x - shift) / scale
     count = static_count(x, axes)
     # Sums over the count, not ops.mean: Keras' torch backend computes the
     # mean of float64 tensors in float32.
@@ -58,7 +65,24 @@ def moments(x, axes, mask=None, synchronized=False):
     mean = ops.sum(centered, axis=axes, keepdims=True) / divisor
     squares = kernels.squared_difference(centered, ops.stop_gradient(mean))
     variance = ops.sum(squares, axis=axes, keepdims=True) / divisor
-    return Moments(centered, mean, variance, count, shift)
+    return Moments(
+        centered, mean * scale, variance * scale * scale, count, shift, scale, variance
+    )
+
+
+def _deviation_scale(deviations, axes):
+    """1, or a power of two at least `max|deviations|` where that exceeds 2**40.
+
+    Float32 squares overflow from deviations of 1.8e19, and their sum over a
+    batch earlier: without the scale a batch of magnitude 1e20 has an
+    infinite variance and every training output is 0. Dividing by a power of
+    two is exact, so ordinary batches (scale 1) get the same values.
+    """
+    largest = ops.stop_gradient(ops.max(ops.abs(deviations), axis=axes, keepdims=True))
+    large = largest > 2.0**40
+    # The log of 1 where the scale is not used: no inf or NaN in any branch.
+    exponent = ops.ceil(ops.log2(ops.where(large, largest, 1.0)))
+    return ops.where(large, ops.power(2.0, exponent), 1.0)
 
 
 def _masked_moments(x, axes, mask):
@@ -94,6 +118,25 @@ def static_count(x, axes):
     for size in sizes:
         count = count * size
     return count
+
+
+def fold_centered(batch_moments, gamma, beta, epsilon):
+    """`fold` for `batch_moments.centered`, which may be scaled (see `Moments`).
+
+    Returns `(a, b)` with `centered * a + b` the normalized batch: with
+    `centered = (x - shift) / scale`, the variance and epsilon are divided by
+    `scale**2`, so that a batch whose variance overflows is still normalized.
+    """
+    if batch_moments.scaled_variance is None:
+        return fold(batch_moments.mean, batch_moments.variance, gamma, beta, epsilon)
+    inverse = 1.0 / batch_moments.scale
+    return fold(
+        batch_moments.mean * inverse,
+        batch_moments.scaled_variance,
+        gamma,
+        beta,
+        epsilon * inverse * inverse,
+    )
 
 
 def fold(mean, variance, gamma, beta, epsilon):

@@ -4,6 +4,7 @@ import math
 import operator
 from typing import Any
 
+import keras
 import numpy as np
 from keras import initializers
 
@@ -249,3 +250,30 @@ def validate_renorm_clipping(clipping):
     # leaving the key out, and stored as None (the config stays strict JSON).
     no_clipping = {"rmax": math.inf, "rmin": -math.inf, "dmax": math.inf}
     return {k: (None if v == no_clipping[k] else v) for k, v in clipping.items()}
+
+
+def check_real_input(inputs: Any) -> None:
+    """Raises a `ValueError` for a complex input, which would lose its imaginary part.
+
+    Args:
+        inputs: The layer's input: an array, a tensor, or anything without a
+            `dtype` (not checked).
+
+    Raises:
+        ValueError: If `inputs` has a complex dtype.
+    """
+    dtype = getattr(inputs, "dtype", None)
+    if dtype is None:
+        return
+    try:
+        name = keras.backend.standardize_dtype(dtype)
+    except ValueError:
+        return
+    if name.startswith("complex"):
+        raise ValueError(
+            "BatchNorm does not support complex inputs: they would be cast to "
+            "a float dtype, dropping the imaginary part. Normalize the real and "
+            "imaginary parts as features of their own, e.g. "
+            "`keras.ops.stack([keras.ops.real(x), keras.ops.imag(x)], axis=-1)`. "
+            f"Received: inputs.dtype={name}"
+        )
