@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import keras
 from keras import activations, initializers, ops, regularizers
 
-from bn_keras import validation
+from bn_keras import checks, validation
 from bn_keras.timestep import TIME_AXIS, TimestepBatchNorm
 
 
@@ -96,6 +96,13 @@ class BatchNormLSTM(keras.layers.Layer):
     as `keras.ops.scan` (a `tf.while_loop`, `jax.lax.scan`, or a Python loop
     on torch). Dropout, `stateful` and `unroll` are not supported.
 
+    Inputs are checked as Keras' `LSTM` would want them, with an error that
+    names what is wrong: a sequence of length 0 raises a `ValueError` in
+    training and inference alike (Keras' `LSTM` fails on it on every backend;
+    there is no last state to return), as do an `initial_state` that is not
+    two tensors of shape `(batch, units)`, a mask that is not `(batch, time)`
+    and a feature size other than the one the layer was built with.
+
     Args:
         units: Positive integer, the dimension of the state.
         max_timesteps: Positive integer, the number of timesteps with their
@@ -126,7 +133,7 @@ class BatchNormLSTM(keras.layers.Layer):
         **kwargs: Base layer keyword arguments (`name`, `dtype`, ...).
 
     Call arguments:
-        sequences: Tensor of shape `(batch, time, features)`.
+        sequences: Tensor of shape `(batch, time, features)`, `time >= 1`.
         initial_state: Optional list `[h, c]` of tensors `(batch, units)`.
         mask: Optional boolean tensor `(batch, time)`: False for padding.
         training: Python boolean, batch statistics (`True`) or population
@@ -244,6 +251,7 @@ class BatchNormLSTM(keras.layers.Layer):
             initializer=bias_initializer,
             regularizer=self.bias_regularizer,
         )
+        self.input_spec = keras.InputSpec(ndim=3, axes={-1: sequences_shape[-1]})
         self.input_norm.build((None, None, 4 * units))
         self.recurrent_norm.build((None, None, 4 * units))
         self.cell_norm.build((None, None, units))
@@ -267,17 +275,19 @@ class BatchNormLSTM(keras.layers.Layer):
         return output_mask
 
     def call(self, sequences, initial_state=None, mask=None, training=False):
-        x = ops.cast(sequences, "float32")
+        x = self._check_length(ops.cast(sequences, "float32"))
         if isinstance(mask, (list, tuple)):
             mask = mask[0]
         if mask is not None:
-            mask = ops.cast(mask, "bool")
+            mask = ops.cast(self._check_mask(mask, x), "bool")
         if self.go_backwards:
             x = ops.flip(x, axis=TIME_AXIS)
             if mask is not None:
                 mask = ops.flip(mask, axis=TIME_AXIS)
         train = bool(training) and self.trainable
         batch = x.shape[0] if x.shape[0] is not None else ops.shape(x)[0]
+        if train:
+            x = checks.require(batch > 0, checks.empty_batch_message(x.shape), x)
 
         # The input-to-hidden pre-activations of all timesteps at once.
         gates_x = self.input_norm(
@@ -288,12 +298,7 @@ class BatchNormLSTM(keras.layers.Layer):
             h = ops.zeros((batch, self.units), "float32")
             state = (h, h)
         else:
-            if len(initial_state) != 2:
-                raise ValueError(
-                    "BatchNormLSTM's `initial_state` is a list [h, c] of two "
-                    f"tensors. Received: {len(initial_state)} tensors"
-                )
-            state = tuple(ops.cast(s, "float32") for s in initial_state)
+            state = self._check_initial_state(initial_state, x)
         # Time-major for the scan; the mask as (time, batch, 1).
         xs = [ops.transpose(gates_x, (1, 0, 2))]
         if mask is not None:
@@ -315,6 +320,69 @@ class BatchNormLSTM(keras.layers.Layer):
                 ops.cast(c, self.compute_dtype),
             ]
         return output
+
+    def _check_length(self, x):
+        steps = x.shape[TIME_AXIS]
+        if steps is None:
+            steps = ops.shape(x)[TIME_AXIS]
+        message = (
+            "BatchNormLSTM expects sequences of at least one timestep, as "
+            "keras.layers.LSTM does: a sequence of length 0 has no last state. "
+            f"Received: input shape {tuple(x.shape)}"
+        )
+        return checks.require(steps > 0, message, x)
+
+    def _check_mask(self, mask, x):
+        mask = ops.convert_to_tensor(mask)
+        expected = tuple(x.shape[:2])
+        received = tuple(mask.shape)
+        if len(received) != 2 or any(
+            m is not None and e is not None and m != e
+            for m, e in zip(received, expected, strict=True)
+        ):
+            raise ValueError(
+                "BatchNormLSTM's mask must have the shape (batch, time) of its "
+                f"inputs, {expected}. Received: mask.shape={received}, "
+                f"inputs.shape={tuple(x.shape)}"
+            )
+        return mask
+
+    def _check_initial_state(self, initial_state, x):
+        """`initial_state` as two float32 tensors `(batch, units)`, or a ValueError."""
+        expected = (x.shape[0], self.units)
+        usage = (
+            "BatchNormLSTM's `initial_state` must be a list [h, c] of two "
+            f"tensors of shape (batch, units) = {expected}. Received: "
+        )
+        if not isinstance(initial_state, (list, tuple)):
+            shape = tuple(getattr(initial_state, "shape", ()))
+            raise ValueError(f"{usage}initial_state of shape {shape}, not a list")
+        if len(initial_state) != 2 or any(s is None for s in initial_state):
+            received = [
+                None if s is None else tuple(getattr(s, "shape", ()))
+                for s in initial_state
+            ]
+            raise ValueError(f"{usage}initial_state shapes {received}")
+        states = [ops.convert_to_tensor(s) for s in initial_state]
+        shapes = [tuple(s.shape) for s in states]
+        if any(
+            len(shape) != 2
+            or shape[1] != self.units
+            or (None not in (shape[0], expected[0]) and shape[0] != expected[0])
+            for shape in shapes
+        ):
+            raise ValueError(f"{usage}initial_state shapes {shapes}")
+        if None in (shapes[0][0], shapes[1][0], expected[0]):
+            # Batch sizes known only when the graph runs.
+            batch = ops.shape(x)[0]
+            message = (
+                f"{usage}initial_state shapes {shapes}, whose batch size is not "
+                "the inputs'"
+            )
+            states = [
+                checks.require(ops.shape(s)[0] == batch, message, s) for s in states
+            ]
+        return tuple(ops.cast(s, "float32") for s in states)
 
     def _weights(self):
         def value(variable):

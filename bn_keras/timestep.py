@@ -21,12 +21,21 @@ from typing import Any
 import keras
 from keras import ops
 
-from bn_keras import statistics, validation
+from bn_keras import checks, statistics, validation
 from bn_keras.batch_norm import BatchNorm
 from bn_keras.moments import Moments
 
 # The axis of `(batch, time, ..., features)` inputs that holds the timesteps.
 TIME_AXIS = 1
+
+
+def empty_sequence_message(layer_name, input_shape):
+    """The error for a training sequence without timesteps."""
+    return (
+        f"{layer_name} in training mode got a sequence of length 0 (input shape "
+        f"{tuple(input_shape)}): there is no timestep to normalize with. Skip "
+        "empty sequences, or call the layer with training=False."
+    )
 
 
 def _clamped_steps(steps, max_timesteps):
@@ -66,6 +75,10 @@ class TimestepBatchNorm(BatchNorm):
       axis.
     - The time dimension may be unknown until the layer runs (statistics are
       gathered with clamped indices, not sliced).
+    - A sequence of length 0 raises a `ValueError` in training, as an empty
+      batch does (inside a TensorFlow graph with an unknown length, an
+      `InvalidArgumentError` with the same message when the step runs); in
+      inference it gives an empty output.
 
     Everything else is `BatchNorm`'s: `momentum` (or `None`), `debias`,
     `unbiased_variance`, `virtual_batch_size`, `synchronized`, the protection
@@ -119,6 +132,11 @@ class TimestepBatchNorm(BatchNorm):
                 f"features), of rank 3 or more. Received: input_shape={input_shape}"
             )
         super().build(input_shape)
+
+    def _train_call(self, x, mask):
+        steps = ops.shape(x)[TIME_AXIS]
+        message = empty_sequence_message(type(self).__name__, x.shape)
+        return super()._train_call(checks.require(steps > 0, message, x), mask)
 
     def _statistics_axes(self, axes):
         if 0 in axes or TIME_AXIS in axes:

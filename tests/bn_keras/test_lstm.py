@@ -15,7 +15,7 @@ import pytest
 import bn_keras
 from bn_keras import BatchNormLSTM
 from tests import reference
-from tests.bn_keras.helpers import F32_RECURRENT, as64
+from tests.bn_keras.helpers import BACKEND, F32_RECURRENT, as64
 
 
 def _randomize_lstm(layer, input_shape, rng):
@@ -298,3 +298,87 @@ def test_bn_lstm_bad_arguments():
 def test_exported_from_the_package():
     assert bn_keras.BatchNormLSTM is BatchNormLSTM
     assert "TimestepBatchNorm" in bn_keras.__all__
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("return_sequences", [False, True])
+def test_bn_lstm_empty_sequence_raises(training, return_sequences):
+    # Keras' LSTM fails on a length-0 sequence on every backend; so does this
+    # one, with the same clear error on each (before: torch failed, TF and JAX
+    # returned an empty sequence or the initial state).
+    layer = BatchNormLSTM(3, 4, return_sequences=return_sequences)
+    with pytest.raises(ValueError, match=r"at least one timestep.*\(2, 0, 5\)"):
+        layer(np.zeros((2, 0, 5), "float32"), training=training)
+
+
+def test_bn_lstm_empty_batch_raises_in_training():
+    with pytest.raises(ValueError, match=r"empty batch \(input shape \(0, 3, 5\)"):
+        BatchNormLSTM(3, 4)(np.zeros((0, 3, 5), "float32"), training=True)
+
+
+def _states(*shapes):
+    return [np.zeros(shape, "float32") for shape in shapes]
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize(
+    "initial_state, received",
+    [
+        (_states((2, 4), (2, 4)), r"\[\(2, 4\), \(2, 4\)\]"),
+        (_states((2, 3), (2, 4)), r"\[\(2, 3\), \(2, 4\)\]"),
+        (_states((5, 3), (5, 3)), r"\[\(5, 3\), \(5, 3\)\]"),
+        (_states((2, 1, 3), (2, 1, 3)), r"\[\(2, 1, 3\), \(2, 1, 3\)\]"),
+        (_states((2, 3)), r"\[\(2, 3\)\]"),
+        (_states((2, 3), (2, 3), (2, 3)), r"\[\(2, 3\), \(2, 3\), \(2, 3\)\]"),
+        (np.zeros((2, 3), "float32"), r"of shape \(2, 3\), not a list"),
+    ],
+)
+def test_bn_lstm_bad_initial_state_names_it(initial_state, received, training):
+    # Before: a matmul or dot_general shape error, or (torch, a bare tensor)
+    # a silently broadcast state.
+    layer = BatchNormLSTM(3, 4)
+    x = np.zeros((2, 4, 5), "float32")
+    match = r"`initial_state` .* shape \(batch, units\) = \(2, 3\)\. Received: .*"
+    with pytest.raises(ValueError, match=match + received):
+        layer(x, initial_state=initial_state, training=training)
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.function with None dims.")
+def test_bn_lstm_initial_state_of_another_batch_size_in_a_graph():
+    # The batch sizes are known only when the step runs: an assertion.
+    import tensorflow as tf
+
+    layer = BatchNormLSTM(3, 4)
+    layer.build((None, None, 5))
+    signature = [tf.TensorSpec((None, 4, 5)), tf.TensorSpec((None, 3))]
+    run = tf.function(
+        lambda x, s: layer(x, initial_state=[s, s]), input_signature=signature
+    )
+    run(np.zeros((2, 4, 5), "float32"), np.zeros((2, 3), "float32"))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="initial_state"):
+        run(np.zeros((2, 4, 5), "float32"), np.zeros((3, 3), "float32"))
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("shape", [(3, 4), (2, 5), (2, 4, 5), (2,)])
+def test_bn_lstm_mask_of_the_wrong_shape_names_it(shape, training):
+    # Before: broadcast errors from the input normalization that never
+    # mention the mask, or its last axis taken for the features.
+    layer = BatchNormLSTM(3, 4)
+    x = np.zeros((2, 4, 5), "float32")
+    match = r"mask must have the shape \(batch, time\) of its inputs, \(2, 4\)"
+    with pytest.raises(ValueError, match=match):
+        layer(x, mask=np.ones(shape, bool), training=training)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_bn_lstm_wrong_feature_size_on_a_later_call(training):
+    # Before: a matmul shape error; now Keras' input check, as its own layers.
+    layer = BatchNormLSTM(3, 4)
+    layer(np.zeros((2, 4, 5), "float32"))
+    with pytest.raises(
+        ValueError, match="expected axis -1 of input shape to have value 5"
+    ):
+        layer(np.zeros((2, 4, 6), "float32"), training=training)
+    with pytest.raises(ValueError, match="expected ndim=3"):
+        layer(np.zeros((2, 4), "float32"), training=training)

@@ -305,3 +305,31 @@ def test_timestep_round_trip(tmp_path, rng):
     np.testing.assert_allclose(
         loaded.predict(x, verbose=0), model.predict(x, verbose=0)
     )
+
+
+def test_timestep_empty_sequence_raises_in_training(rng):
+    # As an empty batch: no timestep to take moments of, a clear error on
+    # every backend (before: gather or index errors); inference is empty.
+    layer = TimestepBatchNorm(4)
+    x = rng.normal(size=(3, 0, 5)).astype("float32")
+    with pytest.raises(
+        ValueError, match=r"sequence of length 0 \(input shape \(3, 0, 5\)"
+    ):
+        layer(x, training=True)
+    assert tuple(layer(x, training=False).shape) == (3, 0, 5)
+    layer(rng.normal(size=(3, 2, 5)).astype("float32"), training=True)
+    with pytest.raises(ValueError, match="sequence of length 0"):
+        layer(x, training=True)
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.function with None dims.")
+def test_timestep_empty_sequence_raises_in_a_graph(rng):
+    import tensorflow as tf
+
+    layer = TimestepBatchNorm(3)
+    layer.build((None, None, 2))
+    signature = [tf.TensorSpec((None, None, 2))]
+    train = tf.function(lambda x: layer(x, training=True), input_signature=signature)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="sequence of length 0"):
+        train(np.zeros((4, 0, 2), "float32"))
+    np.testing.assert_array_equal(as64(layer.moving_mean), 0.0)
