@@ -39,6 +39,7 @@ MIN_EPSILON = 1.001e-5
 # is within about 1.5e-5 of a float64 reference (measured on 65,536 values
 # per channel); beyond, its error grows in proportion.
 _FAR_OUT = 8.0
+_LN2 = 0.6931471805599453
 
 
 class Plan(NamedTuple):
@@ -323,16 +324,30 @@ def train(x, data_format, gamma, beta, epsilon):
     # normalized again from its deviations from one of its values (the
     # output does not change with a shift), exact to float32 rounding like
     # the unfused moments; an ordinary batch pays no extra pass for it.
+    # Deviations beyond 2**60 (a batch of magnitude 1e20) are also divided
+    # by a power of two that brings them to about 2**40, so that their
+    # squares do not overflow (the outputs would all be beta) and epsilon
+    # stays negligible beside the variance, as it is.
     def shifted():
         if data_format == "NHWC":
             shift = image[:1, :1, :1]
         else:
             shift = tf.reshape(image[0, :, 0], (1, channels, 1, 1))
         shift = tf.stop_gradient(shift)
-        outputs, mean, variance = _kernel(
-            image - shift, data_format, gamma, beta, epsilon
+        centered = image - shift
+        axes = (0, 1, 2) if data_format == "NHWC" else (0, 2, 3)
+        largest = tf.stop_gradient(
+            tf.reduce_max(tf.abs(centered), axis=axes, keepdims=True)
         )
-        return outputs, mean + tf.reshape(shift, (channels,)), variance
+        large = largest > 2.0**60
+        exponent = tf.math.ceil(tf.math.log(tf.where(large, largest, 1.0)) / _LN2)
+        scale = tf.where(large, tf.pow(2.0, exponent - 40.0), 1.0)
+        outputs, mean, variance = _kernel(
+            centered / scale, data_format, gamma, beta, epsilon
+        )
+        scale = tf.reshape(scale, (channels,))
+        mean = mean * scale + tf.reshape(shift, (channels,))
+        return outputs, mean, variance * scale * scale
 
     if _compiled_by_xla():
         # XLA cannot differentiate this `cond` over a batch size known only
@@ -341,6 +356,8 @@ def train(x, data_format, gamma, beta, epsilon):
     else:
         outputs, mean, variance = _kernel(image, data_format, gamma, beta, epsilon)
         far = tf.reduce_any(tf.square(mean) > _FAR_OUT**2 * variance)
+        overflow = tf.reduce_any(tf.math.is_finite(mean) & ~tf.math.is_finite(variance))
+        far = far | overflow
         outputs, mean, variance = tf.cond(
             far, shifted, lambda: (outputs, mean, variance)
         )
