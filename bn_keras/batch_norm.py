@@ -165,14 +165,30 @@ class BatchNorm(keras.layers.Layer):
         self.epsilon = validation.validate_epsilon(epsilon)
         self.center = bool(center)
         self.scale = bool(scale)
-        self.beta_initializer = initializers.get(beta_initializer)
-        self.gamma_initializer = initializers.get(gamma_initializer)
-        self.moving_mean_initializer = initializers.get(moving_mean_initializer)
-        self.moving_variance_initializer = initializers.get(moving_variance_initializer)
-        self.beta_regularizer = regularizers.get(beta_regularizer)
-        self.gamma_regularizer = regularizers.get(gamma_regularizer)
-        self.beta_constraint = constraints.get(beta_constraint)
-        self.gamma_constraint = constraints.get(gamma_constraint)
+        self.beta_initializer = validation.keras_object(
+            initializers.get, beta_initializer, "beta_initializer"
+        )
+        self.gamma_initializer = validation.keras_object(
+            initializers.get, gamma_initializer, "gamma_initializer"
+        )
+        self.moving_mean_initializer = validation.keras_object(
+            initializers.get, moving_mean_initializer, "moving_mean_initializer"
+        )
+        self.moving_variance_initializer = validation.keras_object(
+            initializers.get, moving_variance_initializer, "moving_variance_initializer"
+        )
+        self.beta_regularizer = validation.keras_object(
+            regularizers.get, beta_regularizer, "beta_regularizer"
+        )
+        self.gamma_regularizer = validation.keras_object(
+            regularizers.get, gamma_regularizer, "gamma_regularizer"
+        )
+        self.beta_constraint = validation.keras_object(
+            constraints.get, beta_constraint, "beta_constraint"
+        )
+        self.gamma_constraint = validation.keras_object(
+            constraints.get, gamma_constraint, "gamma_constraint"
+        )
         self.renorm = bool(renorm)
         self.renorm_clipping = validation.validate_renorm_clipping(renorm_clipping)
         self.renorm_momentum = validation.validate_momentum(

@@ -277,3 +277,23 @@ def check_real_input(inputs: Any) -> None:
             "`keras.ops.stack([keras.ops.real(x), keras.ops.imag(x)], axis=-1)`. "
             f"Received: inputs.dtype={name}"
         )
+
+
+def keras_object(get: Any, value: Any, name: str) -> Any:
+    """`get(value)` (`initializers.get`, ...), its `ValueError` naming the argument.
+
+    Args:
+        get: Keras' `initializers.get`, `regularizers.get` or `constraints.get`.
+        value: The argument: an identifier, a config dict, an instance or None.
+        name: The argument's name, for the message.
+
+    Returns:
+        What `get` returns.
+
+    Raises:
+        ValueError: If `get` cannot interpret `value`.
+    """
+    try:
+        return get(value)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"`{name}`: {error}. Received: {name}={value!r}") from None
