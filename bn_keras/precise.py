@@ -339,7 +339,8 @@ def _describe(structure):
 
 def _check_inputs(x, count, where, rule):
     """A ValueError unless `x` holds as many arrays as the model takes."""
-    if count is None or len(tree.flatten(x)) == count:
+    # A dict is matched to the inputs by name, and Keras drops unknown keys.
+    if count is None or isinstance(x, dict) or len(tree.flatten(x)) == count:
         return
     raise ValueError(
         f"The model takes {count} input array(s), but {where} holds "
