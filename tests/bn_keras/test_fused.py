@@ -9,6 +9,9 @@ argument is accepted (`None`, `False`) or refused (`True`).
 """
 
 import os
+import subprocess
+import sys
+import warnings
 
 import keras
 import numpy as np
@@ -332,3 +335,65 @@ def test_fused_round_trips_through_config_and_saving(rng, tmp_path):
     loaded = keras.saving.load_model(path)
     assert loaded.layers[0].fused is fused
     np.testing.assert_allclose(as64(loaded(x)), as64(model(x)), **F32)
+
+
+_SAVE_ON_TENSORFLOW = """
+import sys
+import keras
+import numpy as np
+from bn_keras import BatchNorm
+
+model = keras.Sequential([keras.Input((3, 3, 2)), BatchNorm(fused=True, name="bn")])
+x = np.load(sys.argv[2])
+model(x, training=True)
+np.save(sys.argv[3], keras.ops.convert_to_numpy(model(x)))
+model.save(sys.argv[1])
+"""
+
+
+def test_a_fused_model_saved_on_tensorflow_loads_on_every_backend(tmp_path, rng):
+    # A .keras file is portable across backends, and fused only changes the
+    # speed: on JAX and torch the layer loads without the kernel, and warns.
+    paths = [tmp_path / n for n in ("fused.keras", "x.npy", "y.npy")]
+    x = rng.normal(1.0, 2.0, (5, 3, 3, 2)).astype("float32")
+    np.save(paths[1], x)
+    done = subprocess.run(
+        [sys.executable, "-c", _SAVE_ON_TENSORFLOW, *map(str, paths)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3"},
+    )
+    assert done.returncode == 0, done.stderr
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        loaded = keras.saving.load_model(paths[0])
+    messages = [str(w.message) for w in caught if "fused=True" in str(w.message)]
+    layer = loaded.layers[0]
+    if BACKEND == "tensorflow":
+        assert messages == []
+        assert layer.fused is True
+    else:
+        assert len(messages) == 1
+        assert f"TensorFlow's, and the backend is {BACKEND}" in messages[0]
+        assert "'bn'" in messages[0]
+        assert layer.fused is None
+    # Saved again, it is still fused=True for TensorFlow.
+    assert layer.get_config()["fused"] is True
+    np.testing.assert_allclose(as64(loaded(x)), np.load(paths[2]), **F32)
+    expected = reference.normalize(
+        x, as64(layer.moving_mean), as64(layer.moving_variance), None, None, 1e-3, -1
+    )
+    np.testing.assert_allclose(as64(loaded(x)), expected, **F32)
+    loaded(x, training=True)  # and it trains
+
+
+def test_fused_true_from_config_on_every_backend():
+    config = {**BatchNorm(name="bn").get_config(), "fused": True}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        layer = BatchNorm.from_config(config)
+    assert layer.get_config() == config
+    warned = [w for w in caught if "saved with fused=True" in str(w.message)]
+    assert len(warned) == (0 if BACKEND == "tensorflow" else 1)

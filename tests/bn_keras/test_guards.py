@@ -294,3 +294,86 @@ def test_inference_at_a_large_mean_is_accurate(rng):
     a = (1.0 / np.sqrt(variance + 1e-3)).astype("float32")
     folded = x * a + (-mean.astype("float32") * a)
     assert np.abs(folded - expected).max() > 1e-2
+
+
+def _fit_error(bn, n, batch_size, features=4):
+    """The error of `fit()` on `n` examples in batches of `batch_size`."""
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(n, features)).astype("float32")
+    model = keras.Sequential([keras.Input((features,)), bn])
+    model.compile("sgd", "mse")
+    with pytest.raises(Exception) as info:  # the backend's own error type
+        model.fit(x, x, batch_size=batch_size, epochs=1, verbose=0, shuffle=False)
+    return str(info.value)
+
+
+@pytest.mark.parametrize(
+    "kwargs, n, batch_size, expected",
+    [
+        # The last batch of fit() is ragged: its size is known only at run
+        # time inside TensorFlow's graph, and printed as numbers there too.
+        ({}, 61, 60, "single value per feature (input shape (1, 4)"),
+        ({"virtual_batch_size": 4}, 18, 8, "input shape (2, 4)) is not a multiple"),
+        # Known when the step is traced: a ValueError on every backend.
+        ({}, 1, 1, "single value per feature (input shape (1, 4)"),
+        ({"virtual_batch_size": 4}, 10, 10, "input shape (10, 4)) is not a multiple"),
+    ],
+)
+def test_fit_errors_print_the_input_shape_as_numbers(kwargs, n, batch_size, expected):
+    message = _fit_error(BatchNorm(**kwargs), n, batch_size)
+    assert expected in message
+    assert "Tensor" not in message.split(expected)[0].splitlines()[-1]
+    assert "strided_slice" not in message
+
+
+def test_a_wrong_feature_size_is_named_after_fitting_other_data():
+    # Without an Input, TensorFlow's train step is traced again with the
+    # feature size unknown, and Keras' input spec lets the input through.
+    rng = np.random.default_rng(3)
+    model = keras.Sequential([BatchNorm()])
+    model.compile("sgd", "mse")
+    x = rng.normal(size=(8, 4)).astype("float32")
+    model.fit(x, x, verbose=0)
+    x = rng.normal(size=(8, 5)).astype("float32")
+    with pytest.raises(Exception) as info:  # the backend's own error type
+        model.fit(x, x, verbose=0)
+    message = str(info.value)
+    assert "(8, 5)" in message
+    assert "Incompatible shapes" not in message
+
+
+@TF_ONLY
+@pytest.mark.parametrize(
+    "kwargs, spec, x, expected",
+    [
+        ({}, (None, 3), np.ones((1, 3)), "(input shape (1, 3), reduced over"),
+        ({}, (None, 3), np.ones((0, 3)), "empty batch (input shape (0, 3))"),
+        ({"virtual_batch_size": 4}, (None, 3), np.ones((6, 3)), "shape (6, 3))"),
+        (
+            {"fused": True},
+            (None, 1, 1, 3),
+            np.ones((1, 1, 1, 3)),
+            "(input shape (1, 1, 1, 3), reduced over",
+        ),
+        (
+            {},
+            (None, None),
+            np.ones((4, 5)),
+            "built for inputs with 3 features on axis 1, and this input has "
+            "another number. Received: inputs.shape=(4, 5)",
+        ),
+    ],
+)
+def test_graph_assertions_print_the_run_time_shape(kwargs, spec, x, expected):
+    import tensorflow as tf
+
+    layer = BatchNorm(**kwargs)
+    layer.build(spec[:-1] + (3,))
+    step = tf.function(
+        lambda x: layer(x, training=True),
+        input_signature=[tf.TensorSpec(spec, tf.float32)],
+    )
+    with pytest.raises(tf.errors.InvalidArgumentError) as info:
+        step(x.astype("float32"))
+    assert expected in str(info.value)
+    assert "Tensor" not in str(info.value).split("assertion failed")[-1]

@@ -5,6 +5,8 @@ with no value leaves the population statistics as they were:
 `bn_keras.masking`.
 """
 
+import re
+
 import keras
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ from keras import ops
 
 from bn_keras import BatchNorm
 from tests import reference
-from tests.bn_keras.helpers import F32, as64, random_inputs
+from tests.bn_keras.helpers import F32, as64, random_inputs, tensorflow_only
 
 
 @pytest.mark.parametrize(
@@ -147,3 +149,39 @@ def test_fully_masked_batch_does_not_count(momentum, debias, rng):
     np.testing.assert_allclose(
         as64(skipping.moving_variance), as64(plain.moving_variance), **F32
     )
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("mask_shape", [(5, 5), (7, 5), (6, 3), (1, 5), (6, 1)])
+def test_a_mask_of_another_shape_is_named(mask_shape, training, rng):
+    # Another batch size, another length, or a 1 that would broadcast: the
+    # error names the mask and both shapes, not a broadcast deep inside.
+    x = random_inputs(rng, (6, 5, 4))
+    mask = np.ones(mask_shape, bool)
+    expected = f"mask.shape={mask_shape}, inputs.shape=(6, 5, 4)"
+    with pytest.raises(ValueError, match=re.escape(expected)):
+        BatchNorm()(x, training=training, mask=mask)
+
+
+@tensorflow_only("tf.function.")
+def test_a_mask_of_another_batch_size_in_a_graph(rng):
+    import tensorflow as tf
+
+    layer = BatchNorm(momentum=0.0)
+    layer.build((None, 5, 4))
+    step = tf.function(
+        lambda x, m: layer(x, training=True, mask=m),
+        input_signature=[
+            tf.TensorSpec((None, 5, 4), tf.float32),
+            tf.TensorSpec((None, None), tf.bool),
+        ],
+    )
+    x = random_inputs(rng, (6, 5, 4))
+    expected = "mask.shape=(5, 5), inputs.shape=(6, 5, 4)"
+    with pytest.raises(tf.errors.InvalidArgumentError, match=re.escape(expected)):
+        step(x, np.ones((5, 5), bool))
+    # The right shape goes through the same graph.
+    mask = rng.random((6, 5)) < 0.7
+    step(x, mask)
+    mean, _, _ = reference.moments(x, -1, mask)
+    np.testing.assert_allclose(as64(layer.moving_mean), mean, **F32)

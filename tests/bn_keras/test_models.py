@@ -2,6 +2,7 @@
 
 import inspect
 import json
+import zipfile
 
 import keras
 import numpy as np
@@ -332,3 +333,47 @@ def test_export_serves_inference_outputs(tmp_path, rng):
     # statistics: single examples come out as inside the batch.
     single = loaded.serve(x[:1]).numpy()
     np.testing.assert_allclose(single[0], served[0], **F32)
+
+
+def _edited_keras_file(tmp_path, **changes):
+    """A saved model whose BatchNorm config holds `changes`, as a hand edit would."""
+    model = keras.Sequential([keras.Input((4,)), BatchNorm(name="bn")])
+    path = tmp_path / "model.keras"
+    model.save(path)
+    with zipfile.ZipFile(path) as archive:
+        files = {name: archive.read(name) for name in archive.namelist()}
+    config = json.loads(files["config.json"])
+    config["config"]["layers"][1]["config"].update(changes)
+    files["config.json"] = json.dumps(config).encode()
+    edited = tmp_path / "edited.keras"
+    with zipfile.ZipFile(edited, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    return edited
+
+
+@pytest.mark.parametrize(
+    "changes, reason",
+    [
+        ({"momentum": 7.0}, "Received: momentum=7.0"),
+        ({"epsilon": -1.0}, "Received: epsilon=-1.0"),
+        ({"bogus": 1}, "{'bogus': 1}"),
+    ],
+)
+def test_a_bad_config_says_why_first(tmp_path, changes, reason):
+    # Keras' own from_config ends in a 2-6k-character "could not be
+    # deserialized" TypeError with the reason last; ours is one line.
+    config = {**BatchNorm(name="bn").get_config(), **changes}
+    serialized = keras.saving.serialize_keras_object(BatchNorm(name="bn"))
+    edited = _edited_keras_file(tmp_path, **changes)
+    for load in (
+        lambda: BatchNorm.from_config(config),
+        lambda: keras.layers.deserialize({**serialized, "config": config}),
+        lambda: keras.saving.load_model(edited),
+    ):
+        with pytest.raises(ValueError) as info:
+            load()
+        message = str(info.value)
+        assert message.startswith("Cannot create BatchNorm layer 'bn' from its config")
+        assert reason in message
+        assert "\n" not in message and len(message) < 300
