@@ -212,5 +212,22 @@ class TimestepBatchNorm(BatchNorm):
         """
         self._update_statistics(Moments(None, mean, variance, count, 0.0), False)
 
+    def load_own_variables(self, store):
+        # A file saved with another max_timesteps: say so, rather than
+        # Keras' shape mismatch of a variable.
+        variables = self._trainable_variables + self._non_trainable_variables
+        for i, variable in enumerate(variables):
+            if variable is self.moving_mean and str(i) in store:
+                saved = tuple(store[str(i)].shape)
+                if saved and saved[0] != self.max_timesteps:
+                    raise ValueError(
+                        f"The population statistics of {self.name} were saved "
+                        f"with max_timesteps={saved[0]} (moving_mean of shape "
+                        f"{saved}); this layer has "
+                        f"max_timesteps={self.max_timesteps}. Build it with "
+                        f"max_timesteps={saved[0]} to load them."
+                    )
+        super().load_own_variables(store)
+
     def get_config(self):
         return {**super().get_config(), "max_timesteps": self.max_timesteps}

@@ -333,3 +333,19 @@ def test_timestep_empty_sequence_raises_in_a_graph(rng):
     with pytest.raises(tf.errors.InvalidArgumentError, match="sequence of length 0"):
         train(np.zeros((4, 0, 2), "float32"))
     np.testing.assert_array_equal(as64(layer.moving_mean), 0.0)
+
+
+def test_timestep_weights_of_another_max_timesteps_name_it(tmp_path):
+    # Before: Keras' shape mismatch of `moving_mean`, not naming max_timesteps.
+    def model(max_timesteps):
+        inputs = keras.Input((None, 5))
+        return keras.Model(
+            inputs, TimestepBatchNorm(max_timesteps, name="norm")(inputs)
+        )
+
+    path = os.path.join(tmp_path, "norm.weights.h5")
+    model(4).save_weights(path)
+    match = r"norm were saved with max_timesteps=4 .* has max_timesteps=5"
+    with pytest.raises(ValueError, match=match):
+        model(5).load_weights(path)
+    model(4).load_weights(path)
