@@ -13,7 +13,8 @@ RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
 # The moments, and the float32 population statistics, are at least float32
 # (also under mixed precision): an epsilon outside the normal float32 range
 # vanishes (or is flushed to zero on XLA) or overflows there.
-_FLOAT32 = np.finfo(np.float32)
+_FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def to_float(value, name):
@@ -89,10 +90,10 @@ def validate_epsilon(epsilon):
         raise ValueError(
             f"`epsilon` must be a positive float. Received: epsilon={epsilon!r}"
         )
-    if not _FLOAT32.tiny <= value <= _FLOAT32.max:
+    if not _FLOAT32_TINY <= value <= _FLOAT32_MAX:
         raise ValueError(
             "`epsilon` must be within the normal float32 range "
-            f"[{_FLOAT32.tiny:.4g}, {_FLOAT32.max:.4g}], the dtype of the "
+            f"[{_FLOAT32_TINY:.4g}, {_FLOAT32_MAX:.4g}], the dtype of the "
             "moments and of the population statistics: outside it, it is 0 "
             f"or inf there. Received: epsilon={epsilon!r}"
         )
