@@ -111,7 +111,9 @@ class BatchNorm(keras.layers.Layer):
             it gives the same results (TensorFlow, one channels-last or
             channels-first feature axis, float32, no mask, renorm, ghost
             batches or synchronization; see `bn_keras.fused`). `True`: always,
-            and a `ValueError` that says why where it cannot. `False`: never.
+            and a `ValueError` that says why where it cannot (a saved
+            `fused=True` layer loads on JAX and torch, with a warning: see
+            `from_config`). `False`: never.
         **kwargs: Base layer keyword arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -122,7 +124,8 @@ class BatchNorm(keras.layers.Layer):
             statistics and updates nothing.
         mask: Optional boolean tensor with one dimension fewer than the input
             (Keras' convention, as produced by `Masking` or
-            `Embedding(mask_zero=True)`), expanded on the last axis. The batch
+            `Embedding(mask_zero=True)`), expanded on the last axis; a mask of
+            another shape is a `ValueError` naming both shapes. The batch
             statistics are computed over the unmasked entries only; features
             with at most one unmasked entry leave their population statistics
             as they are.
