@@ -77,7 +77,9 @@ class BatchNorm(keras.layers.Layer):
             reduced). `-1` for channels-last; `1` after a channels-first conv.
         momentum: Momentum of the moving average, in `[0, 1]`, or `None` for
             the cumulative average of all training batches.
-        epsilon: Small positive float added to the variance.
+        epsilon: Small positive float added to the variance, within the
+            normal float32 range (`[1.18e-38, 3.4e38]`): the moments are at
+            least float32.
         center: If `True`, add the offset `beta`.
         scale: If `True`, multiply by `gamma`.
         beta_initializer: Initializer for `beta`.
@@ -93,7 +95,9 @@ class BatchNorm(keras.layers.Layer):
             `renorm_mean`, `renorm_stddev`).
         renorm_clipping: Dict with optional keys `"rmax"`, `"rmin"`, `"dmax"`
             clipping the renorm corrections `r` to `[rmin, rmax]` and `d` to
-            `[-dmax, dmax]`. Only with `renorm=True`.
+            `[-dmax, dmax]`. Only with `renorm=True`. NaN is rejected;
+            `rmax=inf`, `rmin=-inf` and `dmax=inf` clip nothing (stored as
+            None).
         renorm_momentum: Momentum of the moving mean and standard deviation
             used by the renorm corrections during training.
         synchronized: If `True`, the batch statistics are those of the global
@@ -117,7 +121,8 @@ class BatchNorm(keras.layers.Layer):
         **kwargs: Base layer keyword arguments (`name`, `dtype`, ...).
 
     Call arguments:
-        inputs: Input tensor of any rank.
+        inputs: Input tensor of any rank, real (a complex input is a
+            `ValueError`: its imaginary part would be dropped).
         training: Python boolean. `True` normalizes with the batch statistics
             and updates the population statistics (if the layer is
             trainable); `False` or `None` normalizes with the population
