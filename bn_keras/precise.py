@@ -142,7 +142,7 @@ def recompute_statistics(
             "and keep them.",
             stacklevel=2,
         )
-    batches, total_steps = _batches(data, batch_size, _input_count(model))
+    batches, total_steps = _batches(data, batch_size, _model_inputs(model))
     if steps is not None:
         batches = itertools.islice(batches, steps)
         total_steps = steps if total_steps is None else min(steps, total_steps)
@@ -318,13 +318,19 @@ class _Pooled:
         return self.m2 / np.maximum(self.count, 1.0)
 
 
-def _input_count(model):
-    """How many input arrays `model` takes, or None where it does not say."""
+def _model_inputs(model):
+    """`(input structure, flat input tensors)`, or Nones where `model` has none.
+
+    Functional and `Sequential` models with an `Input` have them; a
+    subclassed model does not, and takes whatever its `call` takes.
+    """
     try:
         inputs = model.inputs
     except (AttributeError, ValueError):
-        return None
-    return len(tree.flatten(inputs)) if inputs else None
+        return None, None
+    if not inputs:
+        return None, None
+    return getattr(model, "_inputs_struct", None), tree.flatten(inputs)
 
 
 def _describe(structure):
@@ -337,15 +343,40 @@ def _describe(structure):
     )
 
 
-def _check_inputs(x, count, where, rule):
-    """A ValueError unless `x` holds as many arrays as the model takes."""
-    # A dict is matched to the inputs by name, and Keras drops unknown keys.
-    if count is None or isinstance(x, dict) or len(tree.flatten(x)) == count:
+def _check_inputs(x, model_inputs, where, rule):
+    """A ValueError unless `x` fits the model's inputs: their number (or a
+    dict's keys) and rank, as Keras' functional models take them."""
+    structure, inputs = model_inputs
+    if inputs is None:
         return
-    raise ValueError(
-        f"The model takes {count} input array(s), but {where} holds "
-        f"{len(tree.flatten(x))}. {rule} Received: {_describe(x)}"
-    )
+    if isinstance(x, dict):
+        # Matched by name; Keras drops unknown keys with a warning.
+        if isinstance(structure, dict) and not set(structure) <= set(x):
+            raise ValueError(
+                f"{where[0].upper()}{where[1:]} lacks the model's input(s) "
+                f"{sorted(set(structure) - set(x))}. Received: {_describe(x)}"
+            )
+        return
+    values = tree.flatten(x)
+    if len(values) != len(inputs):
+        raise ValueError(
+            f"The model takes {len(inputs)} input array(s), but {where} holds "
+            f"{len(values)}. {rule} Received: {_describe(x)}"
+        )
+    for tensor, value in zip(inputs, values, strict=True):
+        rank, shape = len(tensor.shape), tuple(getattr(value, "shape", ()))
+        # Keras adds or drops a trailing axis of size 1 itself.
+        fits = (
+            len(shape) == rank
+            or (len(shape) == rank + 1 and shape[-1] == 1)
+            or (len(shape) == rank - 1 and tensor.shape[-1] == 1)
+        )
+        if not fits:
+            raise ValueError(
+                f"The model's input {tensor.name!r} takes shape "
+                f"{tuple(tensor.shape)}, but {where} gives it an array of shape "
+                f"{shape}; is the data batched? Received: {_describe(x)}"
+            )
 
 
 ARRAY_RULE = (
@@ -360,12 +391,17 @@ BATCH_RULE = (
 )
 
 
-def _batches(data, batch_size, input_count):
+def _batches(data, batch_size, model_inputs):
     """`(iterator of input batches, number of batches or None)` from `data`.
 
     Arrays and Keras' data types go through Keras' data adapters, read as
     the backend's train step reads them; other iterables batch by batch.
     """
+    if data is None:
+        raise ValueError(
+            "`data` must be the model's inputs as arrays, a dataset, or an "
+            "iterable of batches. Received: data=None"
+        )
     if array_data_adapter.can_convert_arrays((data,)):
         arrays = tree.flatten(data)
         if not arrays:
@@ -381,7 +417,7 @@ def _batches(data, batch_size, input_count):
                 "`batch_size` is needed to split an array into batches; use the "
                 f"training batch size.{hint}"
             )
-        _check_inputs(data, input_count, "`data`", ARRAY_RULE)
+        _check_inputs(data, model_inputs, "`data`", ARRAY_RULE)
         examples = int(arrays[0].shape[0])
         if examples > 1 and examples % batch_size == 1:
             # A last batch of one example has no spread to measure (BatchNorm
@@ -389,11 +425,12 @@ def _batches(data, batch_size, input_count):
             data = tree.map_structure(lambda value: value[: examples - 1], data)
         adapter = get_data_adapter(data, batch_size=batch_size, shuffle=False)
         # The adapter yields `x`, or `(x,)` when `x` is a tuple or list.
-        return _unpacked(_adapted(adapter), input_count), adapter.num_batches
+        return _unpacked(_adapted(adapter), model_inputs), adapter.num_batches
     if batch_size is not None:
         raise ValueError(
-            "`batch_size` applies to array data only; batch the dataset itself. "
-            f"Received: batch_size={batch_size}"
+            "`batch_size` applies to array data only (arrays or tensors, or a "
+            "dict, list or tuple of them); batch the dataset itself. Received: "
+            f"batch_size={batch_size} with data of type {type(data).__name__}"
         )
     if (
         is_tf_dataset(data)
@@ -401,7 +438,7 @@ def _batches(data, batch_size, input_count):
         or isinstance(data, keras.utils.PyDataset)
     ):
         adapter = get_data_adapter(data, shuffle=False)
-        return _unpacked(_adapted(adapter), input_count), adapter.num_batches
+        return _unpacked(_adapted(adapter), model_inputs), adapter.num_batches
     if isinstance(data, (str, bytes, collections.abc.Mapping)) or not isinstance(
         data, collections.abc.Iterable
     ):
@@ -418,7 +455,7 @@ def _batches(data, batch_size, input_count):
         )
         for batch in data
     )
-    return _unpacked(converted, input_count), None
+    return _unpacked(converted, model_inputs), None
 
 
 def _adapted(adapter):
@@ -443,7 +480,7 @@ def _adapted(adapter):
         adapter.on_epoch_end()
 
 
-def _unpacked(batches, input_count):
+def _unpacked(batches, model_inputs):
     """The inputs `x` of each `(x,)`, `(x, y)`, `(x, y, w)` or `x` batch."""
     for step, batch in enumerate(batches):
         if isinstance(batch, (tuple, list)) and not 1 <= len(batch) <= 3:
@@ -452,5 +489,5 @@ def _unpacked(batches, input_count):
                 f"{len(batch)} elements. {BATCH_RULE} Received: {_describe(batch)}"
             )
         x, _, _ = keras.utils.unpack_x_y_sample_weight(batch)
-        _check_inputs(x, input_count, f"batch {step} of `data`", BATCH_RULE)
+        _check_inputs(x, model_inputs, f"batch {step} of `data`", BATCH_RULE)
         yield x

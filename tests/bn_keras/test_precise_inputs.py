@@ -250,8 +250,39 @@ def test_bad_batch_size_and_steps(argument, value, rng):
             lambda x, y: {"data": "x_train"},
             "`data` must be the model's inputs as arrays",
         ),
+        ("array", lambda x, y: {"data": None}, "Received: data=None"),
+        (
+            "dict",
+            lambda x, y: {"data": {"fet": x["feat"]}, "batch_size": BATCH},
+            "`data` lacks the model's input(s) ['feat']. Received: "
+            "{'fet': 'array(60, 5)'}",
+        ),
+        # Examples one by one, not batches.
+        (
+            "tuple",
+            lambda x, y: {"data": (((x[0][i], x[1][i]), y[i]) for i in range(3))},
+            "The model's input 'a' takes shape (None, 4), but batch 0 of `data` "
+            "gives it an array of shape (4,); is the data batched?",
+        ),
+        (
+            "array",
+            lambda x, y: {"data": iter([x]), "batch_size": BATCH},
+            "`batch_size` applies to array data only (arrays or tensors, or a "
+            "dict, list or tuple of them); batch the dataset itself. Received: "
+            "batch_size=20 with data of type list_iterator",
+        ),
     ],
-    ids=["(x, y) as arrays", "(x1, x2) batches", "4-tuples", "list", "string"],
+    ids=[
+        "(x, y) as arrays",
+        "(x1, x2) batches",
+        "4-tuples",
+        "list",
+        "string",
+        "None",
+        "dict key",
+        "unbatched",
+        "batch_size with batches",
+    ],
 )
 def test_data_that_does_not_fit_the_model(structure, make_data, message, rng):
     model = _model(STRUCTURES[structure])
