@@ -88,11 +88,15 @@ def _deviation_scale(deviations, axes):
 def _masked_moments(x, axes, mask):
     # `where`, not a product with the mask: padding may be NaN or inf.
     count = ops.sum(ops.cast(mask, x.dtype), axis=axes, keepdims=True)
-    total = ops.sum(ops.where(mask, x, 0.0), axis=axes, keepdims=True)
+    scale = _deviation_scale(ops.where(mask, x, 0.0), axes)
+    scaled = x / scale
+    total = ops.sum(ops.where(mask, scaled, 0.0), axis=axes, keepdims=True)
     mean = ops.divide_no_nan(total, count)
-    squares = ops.where(mask, ops.square(x - ops.stop_gradient(mean)), 0.0)
+    squares = ops.where(mask, ops.square(scaled - ops.stop_gradient(mean)), 0.0)
     variance = ops.divide_no_nan(ops.sum(squares, axis=axes, keepdims=True), count)
-    return Moments(x, mean, variance, count, 0.0)
+    return Moments(
+        scaled, mean * scale, variance * scale * scale, count, 0.0, scale, variance
+    )
 
 
 def _global_moments(x, axes, mask):

@@ -418,3 +418,17 @@ def test_real_inputs_of_every_float_dtype_are_accepted(rng):
         x = ops.cast(rng.normal(size=(8, 3)) * 4, dtype)
         y = BatchNorm()(x, training=True)
         assert np.isfinite(ops.convert_to_numpy(ops.cast(y, "float32"))).all()
+
+
+@pytest.mark.parametrize("magnitude", [1e20, 1e36])
+def test_masked_batch_whose_variance_overflows_float32(magnitude, rng):
+    x = (rng.normal(0.0, 1.0, (4, 6, 3)) * magnitude).astype("float32")
+    mask = np.ones((4, 6), bool)
+    mask[:, 4:] = False
+    x[:, 4:] = 3e38  # padding, as large as float32 goes
+    layer = BatchNorm()
+    y = ops.convert_to_numpy(layer(x, training=True, mask=mask))
+    mean, variance, _ = reference.moments(x, -1, mask)
+    expected = reference.normalize(x, mean, variance, None, None, EPSILON, -1)
+    np.testing.assert_allclose(y[:, :4], expected[:, :4], **F32)
+    np.testing.assert_array_equal(as64(layer.moving_variance), 1.0)
