@@ -237,15 +237,17 @@ def validate_renorm_clipping(clipping):
     # r is a ratio of standard deviations, positive and finite: a bound
     # that clips every r to 0 or to infinity makes every output beta, inf
     # or NaN. Infinite bounds on the open side mean "no clipping".
-    if rmax is not None and not rmax > 0:
+    # (In float32, where r is computed: 1e-50 is 0 there and 1e39 inf.)
+    if rmax is not None and not rmax >= _FLOAT32_TINY:
         raise ValueError(
-            "rmax should be positive in the `renorm_clipping` argument (r is "
-            f"a ratio of standard deviations). Received: rmax={rmax}"
+            "rmax should be positive (a normal float32) in the `renorm_clipping` "
+            "argument (r is a ratio of standard deviations). "
+            f"Received: rmax={rmax}"
         )
-    if rmin is not None and rmin == math.inf:
+    if rmin is not None and rmin > _FLOAT32_MAX:
         raise ValueError(
-            "rmin should be finite in the `renorm_clipping` argument (it would "
-            f"clip every r to infinity). Received: rmin={rmin}"
+            "rmin should be finite in float32 in the `renorm_clipping` argument "
+            f"(it would clip every r to infinity). Received: rmin={rmin}"
         )
     # An infinite rmax or dmax, or rmin=-inf, clips nothing: the same as
     # leaving the key out, and stored as None (the config stays strict JSON).

@@ -273,6 +273,8 @@ def test_renorm_clipping_nan_is_rejected(clipping, key):
         ({"rmax": 0.0}, "rmax=0.0"),
         ({"rmax": -2.0}, "rmax=-2.0"),
         ({"rmin": INF}, "rmin=inf"),
+        ({"rmin": 1e39}, "rmin=1e+39"),
+        ({"rmax": 1e-50}, "rmax=1e-50"),
         ({"dmax": -INF}, "dmax=-inf"),
     ],
     ids=repr,
