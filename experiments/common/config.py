@@ -13,6 +13,7 @@ experiments' `validate` functions share, so that one rule has one wording.
 import dataclasses
 import json
 import math
+import os
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -35,6 +36,13 @@ DATA_CHOICES = {"data_source": SOURCES, "dataset": DATASETS}
 
 # Seeds feed NumPy's and Keras' generators, which take 32-bit unsigned seeds.
 MAX_SEED = 2**32 - 1
+# TensorFlow counts a tensor's dimensions (units, the steps of one compiled
+# chunk) in int32.
+MAX_DIMENSION = 2**31 - 1
+# The memory a run may use, instead of what the machine has available: bytes,
+# with an optional K, M, G or T suffix ("16G"), or "none" for no check.
+MEMORY_ENV_VAR = "BN_KERAS_MEMORY_LIMIT"
+_MEMORY_SUFFIXES = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,6 +323,7 @@ def check_batch_norm(config, *, debiased=False):
 def check_schedule(config):
     """Positive `steps` and `eval_every`, the first a multiple of the second."""
     check_positive(config, "steps", "eval_every")
+    check_at_most(config, "eval_every", MAX_DIMENSION, "the steps of one compiled call")
     if config["steps"] % config["eval_every"]:
         raise ConfigError(
             f"config key 'steps' ({config['steps']}) must be a multiple of "
@@ -380,3 +389,77 @@ def check_precise_bn_sample(config, available, which):
             "'precise_bn_batches'. "
             f"Received: precise_bn_batches={config['precise_bn_batches']!r}"
         )
+
+
+def check_at_most(config, key, limit, why):
+    """Raises ConfigError unless `key` (a number or a list) is at most `limit`."""
+    value = config[key]
+    if any(v > limit for v in (value if isinstance(value, list) else [value])):
+        raise ConfigError(
+            f"config key {key!r} must be at most {limit} ({why}). Received: {value!r}"
+        )
+
+
+def available_memory():
+    """`(bytes, where they come from)`; bytes is None where nothing is checked.
+
+    `$BN_KERAS_MEMORY_LIMIT` if set, else MemAvailable in /proc/meminfo
+    (Linux: free memory and what the kernel can reclaim), else the physical
+    memory, else unknown (None).
+    """
+    text = os.environ.get(MEMORY_ENV_VAR, "").strip()
+    if text:
+        if text.lower() == "none":
+            return None, f"{MEMORY_ENV_VAR}=none"
+        number, suffix = text[:-1], text[-1].upper()
+        if suffix not in _MEMORY_SUFFIXES:
+            number, suffix = text, ""
+        try:
+            limit = int(float(number) * _MEMORY_SUFFIXES[suffix])
+        except ValueError:
+            limit = -1
+        if limit <= 0:
+            raise ConfigError(
+                f"${MEMORY_ENV_VAR} must be a number of bytes with an optional "
+                f'K, M, G or T suffix ("16G"), or "none". Received: {text!r}'
+            )
+        return limit, f"${MEMORY_ENV_VAR}"
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "MemAvailable in /proc/meminfo"
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        return pages * size, "the physical memory"
+    except (ValueError, OSError, AttributeError):
+        return None, "unknown"
+
+
+def check_memory(needs):
+    """Raises ConfigError where a run would need more memory than is available.
+
+    Args:
+        needs: `{what (the keys that set it): estimated bytes}`.
+
+    Raises:
+        ConfigError: One line: the estimate, its largest parts, the memory
+            available and how to override the check.
+    """
+    available, where = available_memory()
+    total = sum(needs.values())
+    if available is None or total <= available:
+        return
+    largest = sorted(needs.items(), key=lambda item: -item[1])[:3]
+    parts = ", ".join(f"{what} {_gigabytes(size)}" for what, size in largest)
+    raise ConfigError(
+        f"this config needs about {_gigabytes(total)} of memory ({parts}), more "
+        f"than the {_gigabytes(available)} available ({where}); lower the keys "
+        f"named, or set ${MEMORY_ENV_VAR} (e.g. 64G, or none) to override"
+    )
+
+
+def _gigabytes(size):
+    return f"{size / 2**30:.3g} GiB"

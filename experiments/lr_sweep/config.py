@@ -4,7 +4,9 @@ from pathlib import Path
 
 from experiments.common.config import (
     DATA_DEFAULTS,
+    MAX_DIMENSION,
     Schema,
+    check_at_most,
     check_distinct,
     check_positive,
 )
@@ -13,6 +15,7 @@ from experiments.common.mlp.config import (
     BN_KERAS,
     MLP_CHOICES,
     MLP_DEFAULTS,
+    check_mlp_memory,
     validate_mlp,
 )
 
@@ -39,6 +42,12 @@ def validate(config):
     validate_mlp(config)
     check_positive(config, "learning_rates")
     check_distinct(config, "learning_rates")
+    # One cell at a time, all its steps in one compiled call.
+    check_at_most(config, "steps", MAX_DIMENSION, "the steps of one compiled call")
+    cells = len(config["learning_rates"]) * len(config["seeds"])
+    check_mlp_memory(
+        config, networks=1, chunk_steps=config["steps"], evaluations=cells, numbers=8
+    )
 
 
 SCHEMA = Schema(

@@ -20,6 +20,7 @@ from experiments.common.mlp.config import (
     BN_KERAS,
     MLP_CHOICES,
     MLP_DEFAULTS,
+    check_mlp_memory,
     validate_mlp,
 )
 
@@ -48,6 +49,15 @@ def validate(config):
     check_positive(config, "learning_rate")
     check_schedule(config)
     check_neurons(config, config["hidden_units"][-1])
+    # Every seed's networks are trained together; a record holds 3
+    # accuracies, 2 losses and 4 statistics of each neuron of each network.
+    check_mlp_memory(
+        config,
+        networks=len(config["seeds"]),
+        chunk_steps=config["eval_every"],
+        evaluations=config["steps"] // config["eval_every"] + 1,
+        numbers=5 + 8 * len(config["neurons"]),
+    )
 
 
 SCHEMA = Schema(

@@ -1,7 +1,7 @@
 """Figure 1 over several seeds: every seed's two networks in stacked weights.
 
 Each seed has its own initial weights and its own sequence of mini-batches
-(`models.initial_kernels`, `train.batch_indices`). Their kernels are stacked
+(`models.initial_kernels`, `train.BatchIndices`). Their kernels are stacked
 on a leading seed axis, `(seeds, fan_in, units)`, and the activations are
 laid out `(batch, seeds, units)`, so that one XLA-compiled call trains every
 seed's plain and BN network for all the steps between two evaluations. Each
@@ -44,7 +44,7 @@ from experiments.common.mlp.models import (
     build_mlp,
     initial_kernels,
 )
-from experiments.common.mlp.train import batch_indices
+from experiments.common.mlp.train import BatchIndices
 from experiments.common.quiet import expected_retracing
 from experiments.mnist_mlp.single_example import single_example_summary
 
@@ -243,6 +243,24 @@ def summed_cross_entropy(logits, labels):
     )
 
 
+class StackedIndices:
+    """Several seeds' `BatchIndices` read together: `(steps, batch, seeds)`."""
+
+    def __init__(self, per_seed):
+        self.per_seed = tuple(per_seed)
+        self.shape = self.per_seed[0].shape + (len(self.per_seed),)
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        rest = ()
+        if isinstance(key, tuple):
+            key, rest = key[0], key[1:]
+        stacked = np.stack([indices[key] for indices in self.per_seed], axis=-1)
+        return stacked[(slice(None),) * (stacked.ndim - 2) + rest] if rest else stacked
+
+
 class StackedTrainer:
     """SGD on every seed's networks; each seed on its own mini-batches.
 
@@ -255,13 +273,12 @@ class StackedTrainer:
         self.networks = networks
         self.learning_rate = float(config["learning_rate"])
         # (steps, batch, seeds): seed s's mini-batches are those a one-seed
-        # run with seed s takes.
-        self.indices = np.stack(
+        # run with seed s takes, drawn as they are trained.
+        self.indices = StackedIndices(
             [
-                batch_indices(len(x_train), config["batch_size"], config["steps"], seed)
+                BatchIndices(len(x_train), config["batch_size"], config["steps"], seed)
                 for seed in networks.seeds
-            ],
-            axis=2,
+            ]
         )
         self.x = tf.constant(x_train)
         self.y = tf.constant(y_train)

@@ -9,7 +9,12 @@ from experiments.common.config import (
     check_precise_bn_sample,
     check_schedule,
 )
-from experiments.common.mlp.config import MLP_CHOICES, MLP_DEFAULTS, validate_mlp
+from experiments.common.mlp.config import (
+    MLP_CHOICES,
+    MLP_DEFAULTS,
+    check_mlp_memory,
+    validate_mlp,
+)
 
 DEFAULTS = {
     "seed": 0,
@@ -30,6 +35,15 @@ def validate(config):
     validate_mlp(config, debiased=True)
     check_positive(config, "learning_rate", "precise_bn_batches")
     check_schedule(config)
+    # A record holds a few numbers per estimator; precise BN's sample is
+    # within the training data.
+    check_mlp_memory(
+        config,
+        networks=1,
+        chunk_steps=config["eval_every"],
+        evaluations=config["steps"] // config["eval_every"] + 1,
+        numbers=50,
+    )
 
 
 def check_data(config, num_train):

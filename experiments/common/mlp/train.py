@@ -14,13 +14,81 @@ from tqdm.auto import tqdm
 from experiments.common.quiet import expected_retracing
 
 
+class BatchIndices:
+    """The `(steps, batch_size)` int32 mini-batch indices of a run, drawn as read.
+
+    Reshuffled epochs back to back: the training examples in the order of
+    `rng.permutation` for each epoch in turn, `batch_size` at a time. Only
+    the epochs a slice reaches are drawn (one held at a time), so the memory
+    is that of the slice, not of the run: `indices[start:stop]` is the
+    `(stop - start, batch_size)` array of those steps. Reading in order (as
+    the training loops do) draws each epoch once; reading backwards draws
+    again from the seed, with the same numbers.
+    """
+
+    def __init__(self, num_examples, batch_size, steps, seed):
+        self.num_examples = int(num_examples)
+        self.batch_size = int(batch_size)
+        self.steps = int(steps)
+        self.seed = seed
+        self.shape = (self.steps, self.batch_size)
+        self.dtype = np.dtype("int32")
+        self._restart()
+
+    def _restart(self):
+        self._rng = np.random.default_rng([self.seed, 1])
+        self._epoch = -1
+        self._order = None
+
+    def _epoch_order(self, epoch):
+        if epoch < self._epoch:
+            self._restart()
+        while self._epoch < epoch:
+            self._order = self._rng.permutation(self.num_examples)
+            self._epoch += 1
+        return self._order
+
+    def rows(self, start, stop):
+        """Steps `start` to `stop - 1`, as a `(stop - start, batch_size)` array."""
+        begin, end = start * self.batch_size, max(stop, start) * self.batch_size
+        parts = [np.empty(0, "int64")]
+        position = begin
+        while position < end:
+            epoch, offset = divmod(position, self.num_examples)
+            take = min(self.num_examples - offset, end - position)
+            parts.append(self._epoch_order(epoch)[offset : offset + take])
+            position += take
+        rows = np.concatenate(parts).astype("int32")
+        return rows.reshape(-1, self.batch_size)
+
+    def __len__(self):
+        return self.steps
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            return self[key[0]][(slice(None),) + key[1:]]
+        if isinstance(key, slice):
+            steps = range(*key.indices(self.steps))
+            if not steps:
+                return np.empty((0, self.batch_size), "int32")
+            low, high = min(steps), max(steps) + 1
+            rows = self.rows(low, high)
+            return rows if steps.step == 1 else rows[np.asarray(steps) - low]
+        step = range(self.steps)[key]
+        return self.rows(step, step + 1)[0]
+
+    def __array__(self, dtype=None, copy=None):
+        rows = self.rows(0, self.steps)
+        return rows if dtype is None else rows.astype(dtype)
+
+
 def batch_indices(num_examples, batch_size, steps, seed):
-    """`(steps, batch_size)` int32 indices: reshuffled epochs, back to back."""
-    rng = np.random.default_rng([seed, 1])
-    needed = steps * batch_size
-    epochs = -(-needed // num_examples)
-    order = np.concatenate([rng.permutation(num_examples) for _ in range(epochs)])
-    return order[:needed].reshape(steps, batch_size).astype("int32")
+    """`(steps, batch_size)` int32 indices: reshuffled epochs, back to back.
+
+    The whole array at once: for tests and short runs. The training loops
+    read a `BatchIndices`, which draws only the steps they train next.
+    """
+    return BatchIndices(num_examples, batch_size, steps, seed)[:]
 
 
 def summed_cross_entropy(logits, labels):
@@ -43,6 +111,9 @@ def _sgd_step(models, learning_rate, x, y):
 
 class Trainer:
     """Runs SGD on `models` over the mini-batches `indices` of the train set.
+
+    `indices` is a `BatchIndices` (or an array of its shape): each call
+    reads only the steps it trains.
 
     `train(start, stop)` performs steps `start` to `stop - 1` and returns the
     mean training loss of each model over them.
@@ -112,7 +183,7 @@ def train_and_evaluate(
         evaluator's values and `train_loss`, the mean training loss of each
         network since the last evaluation (NaN at step 0).
     """
-    indices = batch_indices(
+    indices = BatchIndices(
         len(data.x_train), config["batch_size"], config["steps"], config["seed"]
     )
     trainer = Trainer(

@@ -286,6 +286,38 @@ CASES = {
         {},
         "cannot resume {tmp}/busy: not a run folder",
     ),
+    # Before: a 38-line MemoryError traceback; an index array of (steps,
+    # batch_size) that grew until the OOM killer ended the run.
+    "network larger than memory": (
+        "mnist_mlp",
+        ["--set", "hidden_units=[100000000]"],
+        {},
+        "this config needs about ",
+    ),
+    "steps whose records exceed memory": (
+        "mnist_mlp",
+        ["--set", "steps=1000000000000000000"],
+        {},
+        "of memory (metrics (steps / eval_every) ",
+    ),
+    "steps of one call beyond int32": (
+        "mnist_mlp",
+        ["--set", "steps=4294967296", "--set", "eval_every=4294967296"],
+        {},
+        "'eval_every' must be at most 2147483647 (the steps of one compiled call)",
+    ),
+    "sweep network larger than memory": (
+        "lr_sweep",
+        ["--set", "hidden_units=[100000000]"],
+        {},
+        "this config needs about ",
+    ),
+    "study network larger than memory": (
+        "population_study",
+        ["--set", "hidden_units=[100000000]"],
+        {},
+        "this config needs about ",
+    ),
 }
 
 
