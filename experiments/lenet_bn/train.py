@@ -14,6 +14,7 @@ inference speed.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 
 import keras
 import numpy as np
@@ -57,10 +58,12 @@ def build_versions(config: dict) -> dict:
     return {version: models[version] for version in lm.VERSIONS}
 
 
-def epoch_orders(num_examples: int, epochs: int, seed: int) -> np.ndarray:
-    """The order of the training examples in each epoch, the same for every version."""
+def epoch_orders(num_examples: int, epochs: int, seed: int) -> Iterator[np.ndarray]:
+    """The order of the training examples in each epoch, the same for every
+    version: drawn one epoch at a time, never all the run's up front."""
     rng = np.random.default_rng([seed, 1])
-    return np.stack([rng.permutation(num_examples) for _ in range(epochs)])
+    for _ in range(epochs):
+        yield rng.permutation(num_examples)
 
 
 def accuracy(model, x, y, training: bool = False) -> float:
@@ -151,7 +154,6 @@ def train_versions(models: dict, data, config: dict, progress=True, report=None)
     x_train, y_train = images(data.x_train), data.y_train
     x_test, y_test = images(data.x_test), data.y_test
     epochs, batch_size = config["epochs"], config["batch_size"]
-    orders = epoch_orders(len(x_train), epochs, config["seed"])
     steps_per_epoch = -(-len(x_train) // batch_size)
     total = steps_per_epoch * epochs * len(models)
     rng = np.random.default_rng([config["seed"], 2])
@@ -196,8 +198,8 @@ def train_versions(models: dict, data, config: dict, progress=True, report=None)
                 steps_per_epoch,
                 epochs,
             )
-            for epoch in range(epochs):
-                order = orders[epoch]
+            orders = epoch_orders(len(x_train), epochs, config["seed"])
+            for epoch, order in enumerate(orders):
                 model.fit(
                     x_train[order],
                     y_train[order],
