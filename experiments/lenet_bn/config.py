@@ -6,6 +6,7 @@ from experiments.common.config import (
     DATA_DEFAULTS,
     Schema,
     check_batch_norm,
+    check_memory,
     check_positive,
 )
 
@@ -39,6 +40,10 @@ def validate(config):
         config, "learning_rate", "epochs", "precise_bn_batches", "speed_rounds"
     )
     check_batch_norm(config, debiased=True)
+    # The networks and the data are of fixed size; the records grow with
+    # the epochs: one per epoch of each of the four versions, a few dozen
+    # numbers each (about 100 bytes a number, as a Python object and JSON).
+    check_memory({"metrics (epochs)": config["epochs"] * 4 * 30 * 100})
 
 
 SCHEMA = Schema(

@@ -4,9 +4,12 @@ from pathlib import Path
 
 from experiments.common.config import (
     DATA_DEFAULTS,
+    MAX_DIMENSION,
     ConfigError,
     Schema,
+    check_at_most,
     check_batch_norm,
+    check_memory,
     check_neurons,
     check_positive,
     check_precise_bn_sample,
@@ -63,9 +66,62 @@ def validate(config):
             "config key 'hidden_units' holds the units of the one recurrent "
             f"layer, e.g. [100]. Received: {config['hidden_units']!r}"
         )
+    check_at_most(
+        config, "hidden_units", MAX_DIMENSION, "TensorFlow's int32 dimensions"
+    )
     check_schedule(config)
     check_batch_norm(config)
     check_neurons(config, config["hidden_units"][0])
+    check_memory(_memory_needs(config))
+
+
+# Rough sizes behind the memory estimate, as in `experiments.common.mlp.config`:
+# live copies of each weight (variable, gradient, two RMSProp slots, the
+# saved model, the precise-BN clone), float32 values kept per unit and
+# timestep of a training example (the recurrence's gates, state, cell and
+# batch moments, for the backward pass) and of an evaluated one, and the
+# bytes of one number of a metrics record.
+_WEIGHT_COPIES = 6
+_TRAIN_VALUES_PER_UNIT = 12
+_EVAL_VALUES_PER_UNIT = 5
+_EVAL_BATCH = 1000
+_RECORD_NUMBER_BYTES = 100
+_FULL_EXAMPLES = 70_000
+
+
+def _memory_needs(config):
+    """`{what (keys): bytes}`: what the two networks' run holds at its peak."""
+    units = config["hidden_units"][0]
+    timesteps, features = (28, 28) if config["task"] == ROWS else (784, 1)
+    # The LSTM and the BN-LSTM: kernels, biases, gammas, and the BN-LSTM's
+    # per-timestep statistics of its three normalizations.
+    weights = 2 * 4 * units * (features + units + 1) + 2 * timesteps * 9 * units
+    examples = (config["train_examples"] or 60_000) + (
+        config["test_examples"] or 10_000
+    )
+    return {
+        "weights (hidden_units)": weights * 4 * _WEIGHT_COPIES,
+        "training activations (hidden_units, batch_size)": 2
+        * config["batch_size"]
+        * timesteps
+        * units
+        * 4
+        * _TRAIN_VALUES_PER_UNIT,
+        # One network at a time.
+        "evaluation activations (hidden_units)": _EVAL_BATCH
+        * timesteps
+        * units
+        * 4
+        * _EVAL_VALUES_PER_UNIT,
+        # The images and their sequences, float32.
+        "data (train_examples, test_examples)": min(examples, _FULL_EXAMPLES)
+        * 784
+        * 4
+        * 2,
+        "metrics (steps / eval_every)": (config["steps"] // config["eval_every"] + 1)
+        * 16
+        * _RECORD_NUMBER_BYTES,
+    }
 
 
 def check_data(config, num_train):

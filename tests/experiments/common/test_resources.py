@@ -1,6 +1,8 @@
 """The experiments' resource limits: mini-batches drawn as they are trained,
 and configs refused, before anything starts, where they cannot fit in memory."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -16,6 +18,7 @@ from experiments.mnist_mlp.stacked import StackedIndices
 from tests.experiments.helpers import schema, smoke_config
 
 MLP_EXPERIMENTS = ("mnist_mlp", "lr_sweep", "population_study")
+EXPERIMENTS = (*MLP_EXPERIMENTS, "sequential_mnist", "lenet_bn")
 
 
 def _all_at_once(num_examples, batch_size, steps, seed):
@@ -80,9 +83,22 @@ def test_network_larger_than_memory_is_refused(name):
         load_config(schema(name), overrides=["hidden_units=[100000000]"])
 
 
-def test_steps_whose_records_exceed_memory_are_refused():
-    with pytest.raises(ConfigError, match=r"metrics \(steps / eval_every\)"):
-        load_config(schema("mnist_mlp"), overrides=["steps=1000000000000000000"])
+@pytest.mark.parametrize(
+    "name, override, part",
+    [
+        ("mnist_mlp", "steps=1000000000000000000", "metrics (steps / eval_every)"),
+        (
+            "sequential_mnist",
+            "steps=1000000000000000000",
+            "metrics (steps / eval_every)",
+        ),
+        ("sequential_mnist", "hidden_units=[1000000]", "weights (hidden_units)"),
+        ("lenet_bn", "epochs=100000000000000", "metrics (epochs)"),
+    ],
+)
+def test_runs_whose_records_or_networks_exceed_memory_are_refused(name, override, part):
+    with pytest.raises(ConfigError, match=re.escape(f"of memory ({part} ")):
+        load_config(schema(name), overrides=[override])
 
 
 @pytest.mark.parametrize(
@@ -91,6 +107,7 @@ def test_steps_whose_records_exceed_memory_are_refused():
         ("mnist_mlp", ["steps=4294967296", "eval_every=4294967296"], "eval_every"),
         ("mnist_mlp", ["hidden_units=[4294967296]"], "hidden_units"),
         ("lr_sweep", ["steps=4294967296"], "steps"),
+        ("sequential_mnist", ["hidden_units=[4294967296]"], "hidden_units"),
     ],
 )
 def test_values_beyond_int32_are_refused(name, overrides, key, monkeypatch):
@@ -129,7 +146,7 @@ def test_available_memory_without_the_variable(monkeypatch):
     "name, config",
     [
         (name, config)
-        for name in MLP_EXPERIMENTS
+        for name in EXPERIMENTS
         for config in [None, *shipped_configs(schema(name).configs_dir)]
     ],
 )
