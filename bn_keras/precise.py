@@ -142,9 +142,10 @@ def recompute_statistics(
             "and keep them.",
             stacklevel=2,
         )
-    batches, total_steps = _batches(data, batch_size, _model_inputs(model))
+    source, total_steps = _batches(data, batch_size, _model_inputs(model))
+    batches = source
     if steps is not None:
-        batches = itertools.islice(batches, steps)
+        batches = itertools.islice(source, steps)
         total_steps = steps if total_steps is None else min(steps, total_steps)
 
     position = {id(v): i for i, v in enumerate(model.non_trainable_variables)}
@@ -186,6 +187,9 @@ def recompute_statistics(
                     examples, ops.convert_to_numpy(mean), ops.convert_to_numpy(variance)
                 )
     finally:
+        # Ends the data's epoch now (a PyDataset's workers), not when
+        # garbage-collected.
+        source.close()
         for layer, attributes in zip(layers, saved, strict=True):
             for name, value in attributes.items():
                 setattr(layer, name, value)

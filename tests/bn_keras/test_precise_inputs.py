@@ -345,3 +345,21 @@ def test_a_frozen_model_is_an_error(rng):
     x, _, _ = _arrays(STRUCTURES["tuple"], rng)
     with pytest.raises(ValueError, match=re.escape("is frozen (`trainable=False`)")):
         recompute_statistics(model, x, batch_size=BATCH, progress=False)
+
+
+def test_the_layers_of_a_frozen_submodel_are_skipped(rng):
+    inner = keras.Sequential([keras.Input((4,)), BatchNorm(name="inner")])
+    inner.trainable = False
+    model = keras.Sequential([keras.Input((4,)), inner, BatchNorm(name="outer")])
+    x = rng.normal(2.0, 3.0, (EXAMPLES, 4)).astype("float32")
+    with pytest.warns(UserWarning, match=re.escape("layers ['inner']")):
+        result = recompute_statistics(model, x, batch_size=BATCH, progress=False)
+    assert set(result) == {"outer"}
+    frozen = inner.get_layer("inner")
+    np.testing.assert_array_equal(as64(frozen.moving_mean), np.zeros(4))
+    np.testing.assert_array_equal(as64(frozen.moving_variance), np.ones(4))
+    # The frozen layer's initial statistics leave x almost as it is.
+    outer = model.get_layer("outer")
+    h = x.astype("float64") / np.sqrt(1.0 + frozen.epsilon)
+    np.testing.assert_allclose(as64(outer.moving_mean), h.mean(0), **F32)
+    np.testing.assert_allclose(as64(outer.moving_variance), h.var(0), **F32)
