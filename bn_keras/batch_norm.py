@@ -429,6 +429,7 @@ class BatchNorm(keras.layers.Layer):
                 x = checks.require(x.shape[axis] == size, message, x)
             else:
                 x = checks.require(ops.shape(x)[axis] == size, message, x)
+                x = checks.with_size(x, axis, size)
         return x
 
     def _inference_call(self, x):

@@ -46,6 +46,23 @@ def require(condition, message, x, shapes=None):
     return x
 
 
+def with_size(x, axis, size):
+    """`x` with the static size of `axis` set, once `require` has checked it.
+
+    Only a TensorFlow graph has dimensions unknown when the layer runs; the
+    fused kernel's reshapes need the feature size.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return x
+    import tensorflow as tf
+
+    x = tf.identity(x)
+    shape = x.shape.as_list()
+    shape[axis] = size
+    x.set_shape(shape)
+    return x
+
+
 def _text(message, shapes):
     if not callable(message):
         return message

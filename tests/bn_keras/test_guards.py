@@ -326,20 +326,25 @@ def test_fit_errors_print_the_input_shape_as_numbers(kwargs, n, batch_size, expe
     assert "strided_slice" not in message
 
 
-def test_a_wrong_feature_size_is_named_after_fitting_other_data():
-    # Without an Input, TensorFlow's train step is traced again with the
-    # feature size unknown, and Keras' input spec lets the input through.
+@pytest.mark.parametrize("method", ["fit", "predict"])
+def test_a_wrong_feature_size_is_named_after_running_on_other_data(method):
+    # Without an Input, TensorFlow's step is traced again with the feature
+    # size unknown, and Keras' input spec lets the input through (to a
+    # broadcast error in fit, a TypeError in the fused kernel in predict).
     rng = np.random.default_rng(3)
     model = keras.Sequential([BatchNorm()])
     model.compile("sgd", "mse")
-    x = rng.normal(size=(8, 4)).astype("float32")
-    model.fit(x, x, verbose=0)
-    x = rng.normal(size=(8, 5)).astype("float32")
+    run = {
+        "fit": lambda x: model.fit(x, x, verbose=0),
+        "predict": lambda x: model.predict(x, verbose=0),
+    }[method]
+    run(rng.normal(size=(8, 4)).astype("float32"))
     with pytest.raises(Exception) as info:  # the backend's own error type
-        model.fit(x, x, verbose=0)
+        run(rng.normal(size=(8, 5)).astype("float32"))
     message = str(info.value)
     assert "(8, 5)" in message
     assert "Incompatible shapes" not in message
+    assert "Failed to convert" not in message
 
 
 @TF_ONLY
