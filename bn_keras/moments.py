@@ -88,14 +88,19 @@ def _deviation_scale(deviations, axes):
 def _masked_moments(x, axes, mask):
     # `where`, not a product with the mask: padding may be NaN or inf.
     count = ops.sum(ops.cast(mask, x.dtype), axis=axes, keepdims=True)
-    scale = _deviation_scale(ops.where(mask, x, 0.0), axes)
-    scaled = x / scale
-    total = ops.sum(ops.where(mask, scaled, 0.0), axis=axes, keepdims=True)
+    # Shifted by one of the unmasked values, as the unmasked moments (exact
+    # for a constant feature), then scaled as they are.
+    largest = ops.max(ops.where(mask, x, float("-inf")), axis=axes, keepdims=True)
+    shift = ops.stop_gradient(ops.where(count > 0, largest, 0.0))
+    deviations = x - shift
+    scale = _deviation_scale(ops.where(mask, deviations, 0.0), axes)
+    centered = deviations / scale
+    total = ops.sum(ops.where(mask, centered, 0.0), axis=axes, keepdims=True)
     mean = ops.divide_no_nan(total, count)
-    squares = ops.where(mask, ops.square(scaled - ops.stop_gradient(mean)), 0.0)
+    squares = ops.where(mask, ops.square(centered - ops.stop_gradient(mean)), 0.0)
     variance = ops.divide_no_nan(ops.sum(squares, axis=axes, keepdims=True), count)
     return Moments(
-        scaled, mean * scale, variance * scale * scale, count, 0.0, scale, variance
+        centered, mean * scale, variance * scale * scale, count, shift, scale, variance
     )
 
 
