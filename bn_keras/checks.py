@@ -166,7 +166,7 @@ def mask_message(mask_shape, input_shape):
     """The error for a mask that is not the input's shape without its last axis."""
     return (
         "The mask must have the input's shape without its last axis (Keras' "
-        "convention), the same batch size included. "
+        "convention), the same batch size included, or 1 where it broadcasts. "
         f"Received: mask.shape={_shape(mask_shape)}, "
         f"inputs.shape={_shape(input_shape)}"
     )

@@ -152,10 +152,10 @@ def test_fully_masked_batch_does_not_count(momentum, debias, rng):
 
 
 @pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("mask_shape", [(5, 5), (7, 5), (6, 3), (1, 5), (6, 1)])
+@pytest.mark.parametrize("mask_shape", [(5, 5), (7, 5), (6, 3), (2, 5), (6, 10)])
 def test_a_mask_of_another_shape_is_named(mask_shape, training, rng):
-    # Another batch size, another length, or a 1 that would broadcast: the
-    # error names the mask and both shapes, not a broadcast deep inside.
+    # Another batch size or length: the error names the mask and both
+    # shapes, not a broadcast deep inside.
     x = random_inputs(rng, (6, 5, 4))
     mask = np.ones(mask_shape, bool)
     expected = f"mask.shape={mask_shape}, inputs.shape=(6, 5, 4)"
@@ -185,3 +185,22 @@ def test_a_mask_of_another_batch_size_in_a_graph(rng):
     step(x, mask)
     mean, _, _ = reference.moments(x, -1, mask)
     np.testing.assert_allclose(as64(layer.moving_mean), mean, **F32)
+
+
+@pytest.mark.parametrize("mask_shape", [(1, 5), (6, 1), (1, 1)])
+def test_a_mask_that_broadcasts_is_the_full_mask(mask_shape, rng):
+    # As NumPy broadcasts it; Keras' layer accepts it too (but counts the
+    # values of the small mask only, so its moments are off).
+    x = random_inputs(rng, (6, 5, 4))
+    small = rng.random(mask_shape) < 0.7
+    small.flat[0] = True
+    full = np.broadcast_to(small, (6, 5))
+    outputs = []
+    for mask in (small, full):
+        layer = BatchNorm(momentum=0.5)
+        outputs.append(as64(layer(x, training=True, mask=mask)))
+        outputs.append(as64(layer.moving_mean))
+    for a, b in zip(outputs[:2], outputs[2:], strict=True):
+        np.testing.assert_allclose(a, b, **F32)
+    mean, _, _ = reference.moments(x, -1, full)
+    np.testing.assert_allclose(outputs[1], 0.5 * mean, **F32)
