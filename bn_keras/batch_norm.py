@@ -129,8 +129,9 @@ class BatchNorm(keras.layers.Layer):
             statistics and updates nothing.
         mask: Optional boolean tensor with one dimension fewer than the input
             (Keras' convention, as produced by `Masking` or
-            `Embedding(mask_zero=True)`), expanded on the last axis; a mask of
-            another shape is a `ValueError` naming both shapes. The batch
+            `Embedding(mask_zero=True)`), expanded on the last axis; a
+            dimension of 1 broadcasts, another size is a `ValueError` naming
+            both shapes. The batch
             statistics are computed over the unmasked entries only; features
             with at most one unmasked entry leave their population statistics
             as they are.
