@@ -140,8 +140,20 @@ CASES = [
 
 
 def _id(case):
+    """A test id that is the same in every process (pytest-xdist compares the
+    workers' collections): objects are named by their class, not by `repr`,
+    which holds their memory address."""
     (kwargs, expectation) = case
-    return f"{expectation}-{kwargs!r}"
+
+    def name(value):
+        if isinstance(value, str | int | float | bool | type(None) | tuple | list):
+            return repr(value)
+        if isinstance(value, np.generic | np.ndarray):
+            return f"{type(value).__name__}({value.tolist()!r})"
+        return type(value).__name__
+
+    items = ", ".join(f"{key}={name(value)}" for key, value in kwargs.items())
+    return f"{expectation}-{items}"
 
 
 def _inputs():
