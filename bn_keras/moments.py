@@ -56,17 +56,43 @@ def moments(x, axes, mask=None, synchronized=False):
         slice(0, 1) if i in axes else slice(None) for i in range(len(x.shape))
     )
     shift = ops.stop_gradient(x[first])
-    scale = _deviation_scale(x - shift, axes)
-    centered = (x - shift) / scale
+    centered = x - shift
     count = static_count(x, axes)
     # Sums over the count, not ops.mean: Keras' torch backend computes the
     # mean of float64 tensors in float32.
     divisor = count if isinstance(count, int) else ops.cast(count, x.dtype)
     mean = ops.sum(centered, axis=axes, keepdims=True) / divisor
-    squares = kernels.squared_difference(centered, ops.stop_gradient(mean))
-    variance = ops.sum(squares, axis=axes, keepdims=True) / divisor
+    variance = _variance(centered, mean, axes, divisor)
+    # Only a batch whose squares overflow (its variance is not finite) pays
+    # for the scaled second pass; the others keep their one pass.
+    centered, scaled_variance, scale = ops.cond(
+        ops.all(ops.isfinite(variance)),
+        lambda: (centered, variance, ops.ones_like(variance)),
+        lambda: _rescaled(centered, mean, axes, divisor),
+    )
     return Moments(
-        centered, mean * scale, variance * scale * scale, count, shift, scale, variance
+        centered,
+        mean,
+        scaled_variance * scale * scale,
+        count,
+        shift,
+        scale,
+        scaled_variance,
+    )
+
+
+def _variance(centered, mean, axes, divisor):
+    squares = kernels.squared_difference(centered, ops.stop_gradient(mean))
+    return ops.sum(squares, axis=axes, keepdims=True) / divisor
+
+
+def _rescaled(centered, mean, axes, divisor):
+    """`(centered / scale, its variance, scale)` with `_deviation_scale`."""
+    scale = _deviation_scale(centered, axes)
+    return (
+        centered / scale,
+        _variance(centered / scale, mean / scale, axes, divisor),
+        scale,
     )
 
 
