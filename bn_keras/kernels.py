@@ -47,3 +47,12 @@ def subtract_multiply_add(x, mean, multiplier, beta):
         return torch.addcmul(beta, x - mean, multiplier)
     outputs = (x - mean) * multiplier
     return outputs if beta is None else outputs + beta
+
+
+def cheap_cond() -> bool:
+    """Whether a data-dependent `ops.cond` costs little on this backend.
+
+    Not on JAX, which compiles both branches at every eager call; under jit
+    XLA fuses a computation done unconditionally into the passes it makes.
+    """
+    return keras.backend.backend() != "jax"

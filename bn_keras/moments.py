@@ -62,14 +62,17 @@ def moments(x, axes, mask=None, synchronized=False):
     # mean of float64 tensors in float32.
     divisor = count if isinstance(count, int) else ops.cast(count, x.dtype)
     mean = ops.sum(centered, axis=axes, keepdims=True) / divisor
-    variance = _variance(centered, mean, axes, divisor)
-    # Only a batch whose squares overflow (its variance is not finite) pays
-    # for the scaled second pass; the others keep their one pass.
-    centered, scaled_variance, scale = ops.cond(
-        ops.all(ops.isfinite(variance)),
-        lambda: (centered, variance, ops.ones_like(variance)),
-        lambda: _rescaled(centered, mean, axes, divisor),
-    )
+    if not kernels.cheap_cond():
+        centered, scaled_variance, scale = _rescaled(centered, mean, axes, divisor)
+    else:
+        # Only a batch whose squares overflow (its variance is not finite)
+        # pays for the scaled second pass; the others keep their one pass.
+        variance = _variance(centered, mean, axes, divisor)
+        centered, scaled_variance, scale = ops.cond(
+            ops.all(ops.isfinite(variance)),
+            lambda: (centered, variance, ops.ones_like(variance)),
+            lambda: _rescaled(centered, mean, axes, divisor),
+        )
     return Moments(
         centered,
         mean,
