@@ -242,9 +242,10 @@ def where(state):
         else:
             parts.append(f"{done} of {state['cells']} cells done")
     stage = state.get("stage", "")
+    between_cells = state.get("cells") and state.get("cell") is None
     if state.get("step") is not None and stage == "training":
         parts.append(f"training step {state['step']:,} of {state['steps']:,}")
-    elif stage:
+    elif stage and not (stage == "training" and between_cells):
         parts.append(stage)
     return ", ".join(parts) or "the start"
 
@@ -477,7 +478,9 @@ class RunDir:
             raise RunError(os_error_message(f"cannot create {folder}", err)) from err
         write_json(folder / f"{key}.json", result)
         self.state.update(cells_done=done, cells=total)
-        self.state.pop("cell", None)
+        # The finished cell's training step is no longer where the run is.
+        for field in ("cell", "step", "steps"):
+            self.state.pop(field, None)
         self._write_state()
         self.checkpoint(f"cell {key}")
 

@@ -47,7 +47,9 @@ RESUMABLE = {
         armed_in=None,
         started=2,
         status=130,
-        where="interrupted by Ctrl-C (SIGINT) at 2 of 4 cells done",
+        # Nothing after "cells done": the finished cell's training step is
+        # not where the run stopped.
+        where="interrupted by Ctrl-C (SIGINT) at 2 of 4 cells done;",
     ),
     # SIGTERM in the middle of the third cell's training.
     "population_study": Interruption(
