@@ -79,3 +79,11 @@ def environment():
     if tensorflow is not None:
         recorded["tensorflow"] = tensorflow.__version__
     return recorded
+
+
+def wall_time_note(metrics):
+    """The summary line of a resumable run's wall time: 'Wall time 93 s (2
+    cells from an earlier session).'"""
+    resumed = metrics["cells_from_earlier_sessions"]
+    earlier = f" ({resumed} cells from an earlier session)" if resumed else ""
+    return f"Wall time {metrics['wall_seconds']:.0f} s{earlier}."

@@ -17,7 +17,13 @@ import time
 import numpy as np
 
 from experiments.common import cli
-from experiments.common.metrics import BN, BN_BATCH_STATS, BN_POPULATION, PLAIN
+from experiments.common.metrics import (
+    BN,
+    BN_BATCH_STATS,
+    BN_POPULATION,
+    PLAIN,
+    wall_time_note,
+)
 from experiments.common.run import RunError
 from experiments.lr_sweep.config import SCHEMA
 
@@ -142,12 +148,9 @@ def summary_table(metrics):
         diverged = [r for r in metrics["runs"] if r["final_train_loss"][key] is None]
         if diverged:
             lines += ["", f"{len(diverged)} runs {name} ended with a non-finite loss."]
-    resumed = metrics["cells_from_earlier_sessions"]
     lines += [
         "",
-        f"Wall time {metrics['wall_seconds']:.0f} s"
-        + (f" ({resumed} cells from an earlier session)" if resumed else "")
-        + ".",
+        wall_time_note(metrics),
     ]
     return "\n".join(lines) + "\n"
 

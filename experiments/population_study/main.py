@@ -38,6 +38,7 @@ from experiments.common.metrics import (
     PLAIN,
     POPULATION,
     PRECISE,
+    wall_time_note,
 )
 from experiments.common.run import RunError
 from experiments.population_study.config import SCHEMA, check_data
@@ -184,12 +185,9 @@ def summary_table(metrics):
     for name, curve in metrics["accuracy"].items():
         values = [curve[steps.index(s)] for s in columns]
         lines.append(f"| {name} | " + " | ".join(f"{v:.4f}" for v in values) + " |")
-    resumed = metrics["cells_from_earlier_sessions"]
     lines += [
         "",
-        f"Wall time {metrics['wall_seconds']:.0f} s"
-        + (f" ({resumed} cells from an earlier session)" if resumed else "")
-        + ".",
+        wall_time_note(metrics),
         "",
         f"Precise BN costs {metrics['precise_seconds_per_evaluation'] * 1e3:.0f} ms "
         f"per evaluation ({metrics['config']['precise_bn_batches']} batches of "
