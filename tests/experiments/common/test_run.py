@@ -409,3 +409,14 @@ def test_where_says_what_the_run_was_doing():
         "cell 2 of 4 (learning_rate=0.1, seed=0), training step 5 of 10"
     )
     assert run_lib.where({"stage": "writing outputs"}) == "writing outputs"
+
+
+def test_wall_time_note_says_how_many_cells_came_from_earlier():
+    from experiments.common.metrics import wall_time_note
+
+    fresh = {"wall_seconds": 92.6, "cells_from_earlier_sessions": 0}
+    resumed = {"wall_seconds": 12.2, "cells_from_earlier_sessions": 2}
+    assert wall_time_note(fresh) == "Wall time 93 s."
+    assert wall_time_note(resumed) == (
+        "Wall time 12 s (2 cells from an earlier session)."
+    )
