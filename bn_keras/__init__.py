@@ -7,6 +7,7 @@ before loading a `.keras` file that holds the layer.
 from bn_keras.batch_norm import BatchNorm
 from bn_keras.fold import fold_batch_norms
 from bn_keras.lstm import BatchNormLSTM
+from bn_keras.modes import set_statistics, statistics_mode
 from bn_keras.precise import batch_norm_layers, recompute_statistics
 from bn_keras.timestep import TimestepBatchNorm
 
@@ -18,5 +19,7 @@ __all__ = [
     "batch_norm_layers",
     "fold_batch_norms",
     "recompute_statistics",
+    "set_statistics",
+    "statistics_mode",
 ]
 __version__ = "0.2.0"

@@ -69,8 +69,26 @@ class BatchNorm(keras.layers.Layer):
     training batch that is empty or has one value per feature is an error
     (see `bn_keras.checks` for when it is raised on each backend).
 
-    Setting `trainable = False` on the layer freezes it *and* puts it in
-    inference mode, also inside `fit()`: Keras' convention for fine-tuning.
+    Which statistics normalize, and whether the population statistics
+    change, is set by `statistics`, apart from `trainable`:
+
+    | `statistics` | training mode | inference mode | population statistics |
+    | --- | --- | --- | --- |
+    | `"update"` (default) | batch | population | updated in training |
+    | `"frozen"` | population | population | never updated |
+    | `"batch"` | batch | batch | never updated |
+
+    gamma and beta train in every mode. `"frozen"` is the FrozenBN of Wu &
+    Johnson (2021): fine-tuning with fixed statistics while gamma and beta
+    keep learning. `"batch"` is PyTorch's `track_running_stats=False`, what
+    test-time adaptation needs; a batch of one example is then an error, in
+    inference too. Setting `trainable = False` freezes the layer *and*, in the
+    default mode, puts it in inference mode, also inside `fit()`: Keras'
+    convention for fine-tuning; in the `"batch"` mode it still normalizes with
+    the batch statistics. To switch a whole model, use
+    `bn_keras.set_statistics` or `bn_keras.statistics_mode`: they also make
+    the model's compiled `fit()`/`evaluate()`/`predict()` functions pick up
+    the change.
 
     Args:
         axis: Integer or tuple of integers, the feature axis or axes (not
@@ -118,15 +136,19 @@ class BatchNorm(keras.layers.Layer):
             and a `ValueError` that says why where it cannot (a saved
             `fused=True` layer loads on JAX and torch, with a warning: see
             `from_config`). `False`: never.
+        statistics: `"update"`, `"frozen"` or `"batch"`: which statistics
+            normalize in each mode, and whether the population statistics
+            are updated (see the table above). Also a settable attribute.
         **kwargs: Base layer keyword arguments (`name`, `dtype`, ...).
 
     Call arguments:
         inputs: Input tensor of any rank, real (a complex input is a
             `ValueError`: its imaginary part would be dropped).
-        training: Python boolean. `True` normalizes with the batch statistics
-            and updates the population statistics (if the layer is
-            trainable); `False` or `None` normalizes with the population
-            statistics and updates nothing.
+        training: Python boolean. In the default `"update"` mode, `True`
+            normalizes with the batch statistics and updates the population
+            statistics (if the layer is trainable); `False` or `None`
+            normalizes with the population statistics and updates nothing.
+            The `"frozen"` and `"batch"` modes ignore it.
         mask: Optional boolean tensor with one dimension fewer than the input
             (Keras' convention, as produced by `Masking` or
             `Embedding(mask_zero=True)`), expanded on the last axis; a
@@ -164,9 +186,11 @@ class BatchNorm(keras.layers.Layer):
         unbiased_variance: bool = False,
         virtual_batch_size: int | None = None,
         fused: bool | None = None,
+        statistics: str = "update",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        self._statistics = validation.validate_statistics(statistics)
         self.axis = validation.validate_axis(axis)
         self.momentum = validation.validate_momentum(
             momentum, "momentum", allow_none=True
@@ -225,6 +249,32 @@ class BatchNorm(keras.layers.Layer):
         self.moving_variance = None
         self.num_batches = None
         self._renorm = None
+
+    @property
+    def statistics(self) -> str:
+        """The statistics mode: `"update"`, `"frozen"` or `"batch"`.
+
+        Setting it changes the layer at once in eager calls. A model's
+        compiled functions (`fit`, `evaluate`, `predict` on TensorFlow and
+        JAX) keep the mode they were traced with until rebuilt: change the
+        modes of a model's layers with `bn_keras.set_statistics(model, mode)`,
+        which rebuilds them. Setting it on a built layer directly warns so.
+        """
+        return self._statistics
+
+    @statistics.setter
+    def statistics(self, mode: str) -> None:
+        mode = validation.validate_statistics(mode)
+        if self.built and mode != self._statistics:
+            warnings.warn(
+                f"The statistics mode of {self.name!r} changes from "
+                f"{self._statistics!r} to {mode!r} in eager calls; a model's "
+                "fit/evaluate/predict functions compiled before keep the old "
+                "mode. Use `bn_keras.set_statistics(model, mode)`, which also "
+                "rebuilds them.",
+                stacklevel=2,
+            )
+        self._statistics = mode
 
     @property
     def input_dtype(self):
@@ -407,9 +457,12 @@ class BatchNorm(keras.layers.Layer):
         if mask is not None:
             # Validated in inference too: a wrong mask is a bug either way.
             mask = masking.broadcast_mask(mask, x)
-        if training and self.trainable:
+        if self._statistics == "batch":
+            outputs = self._train_call(x, mask, update=False)
+        elif training and self.trainable and self._statistics == "update":
             outputs = self._train_call(x, mask)
         else:
+            # "frozen" in training too: gamma and beta get their gradients.
             outputs = self._inference_call(x)
         return ops.cast(outputs, self.compute_dtype)
 
@@ -464,13 +517,18 @@ class BatchNorm(keras.layers.Layer):
             self.epsilon,
         )
 
-    def _train_call(self, x, mask):
+    def _train_call(self, x, mask, update=True):
+        """Normalizes with the batch statistics; updates the population's if asked.
+
+        Without the update (the `"batch"` mode) renorm's corrections, which
+        pull toward the population statistics, are not applied either.
+        """
         shape = ops.shape(x)
         batch = shape[0]
         x = checks.require(batch > 0, checks.empty_batch_message, x)
         inputs = x
         if fused_kernel.in_training(self._fused, x, mask):
-            return self._fused_train_call(x)
+            return self._fused_train_call(x, update)
         ghosts = self.virtual_batch_size is not None
         reduction_axes, broadcast_shape = self._reduction_axes, self._broadcast_shape
         if ghosts:
@@ -494,10 +552,11 @@ class BatchNorm(keras.layers.Layer):
         variance = batch_moments.variance
         gamma = self._parameter(self.gamma, x.dtype, broadcast_shape)
         beta = self._parameter(self.beta, x.dtype, broadcast_shape)
-        if self.renorm:
+        if self.renorm and update:
             r, d = self._renorm.correction(mean, variance, broadcast_shape)
             gamma, beta = renorm.compose(r, d, gamma, beta)
-        self._update_statistics(batch_moments, ghosts)
+        if update:
+            self._update_statistics(batch_moments, ghosts)
 
         # Folded around the shift: `(x - shift) * a + b` adds no op and does
         # not cancel large terms when the mean is large.
@@ -505,7 +564,7 @@ class BatchNorm(keras.layers.Layer):
         outputs = batch_moments.centered * multiplier + offset
         return virtual_batch.merge(outputs, shape) if ghosts else outputs
 
-    def _fused_train_call(self, x):
+    def _fused_train_call(self, x, update):
         count = static_count(x, self._reduction_axes)
 
         def message(input_shape):
@@ -519,7 +578,8 @@ class BatchNorm(keras.layers.Layer):
             self._parameter(self.beta, x.dtype),
             self.epsilon,
         )
-        self._update_statistics(Moments(None, mean, variance, count, 0.0), False)
+        if update:
+            self._update_statistics(Moments(None, mean, variance, count, 0.0), False)
         return outputs
 
     def _most_values_per_feature(self, x, reduction_axes, batch_moments, mask):
@@ -643,5 +703,6 @@ class BatchNorm(keras.layers.Layer):
             "fused": self.fused
             if self._fused_in_config is None
             else self._fused_in_config,
+            "statistics": self._statistics,
         }
         return {**super().get_config(), **config}

@@ -130,6 +130,11 @@ class BatchNormLSTM(keras.layers.Layer):
         return_state: Also return the last state `h` and cell `c`.
         go_backwards: Process the sequence backwards and return the reversed
             sequence.
+        statistics: `"update"`, `"frozen"` or `"batch"`, the statistics mode
+            of the three normalizations (see `BatchNorm`): `"frozen"` runs
+            the inference recurrence in training too, `"batch"` the training
+            recurrence in inference too, and neither updates the population
+            statistics. Also a settable attribute.
         **kwargs: Base layer keyword arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -137,7 +142,7 @@ class BatchNormLSTM(keras.layers.Layer):
         initial_state: Optional list `[h, c]` of tensors `(batch, units)`.
         mask: Optional boolean tensor `(batch, time)`: False for padding.
         training: Python boolean, batch statistics (`True`) or population
-            statistics.
+            statistics, in the default `"update"` mode.
 
     Reference:
         - [Cooijmans et al., 2016](https://arxiv.org/abs/1603.09025),
@@ -166,6 +171,7 @@ class BatchNormLSTM(keras.layers.Layer):
         return_sequences: bool = False,
         return_state: bool = False,
         go_backwards: bool = False,
+        statistics: str = "update",
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -201,6 +207,7 @@ class BatchNormLSTM(keras.layers.Layer):
                 gamma_initializer=validation.clone_initializer(self.gamma_initializer),
                 debias=debias,
                 unbiased_variance=unbiased_variance,
+                statistics=statistics,
                 name=name,
                 dtype=self.dtype_policy,
             )
@@ -212,6 +219,39 @@ class BatchNormLSTM(keras.layers.Layer):
         self.kernel = None
         self.recurrent_kernel = None
         self.bias = None
+
+    @property
+    def statistics(self) -> str:
+        """The statistics mode of the three normalizations (see `BatchNorm`).
+
+        `None` if they were given different modes one by one, which the layer
+        refuses to run with.
+        """
+        modes = {norm.statistics for norm in self._norms}
+        return modes.pop() if len(modes) == 1 else None
+
+    @statistics.setter
+    def statistics(self, mode: str) -> None:
+        # One warning (BatchNorm's) for the three normalizations.
+        self.input_norm.statistics = mode
+        for norm in self._norms:
+            norm._statistics = self.input_norm.statistics
+
+    def _mode(self):
+        """The statistics mode, or a `ValueError` if the normalizations differ."""
+        mode = self.statistics
+        if mode is None:
+            found = ", ".join(f"{n.name}={n.statistics!r}" for n in self._norms)
+            raise ValueError(
+                f"The normalizations of {self.name!r} have different statistics "
+                f"modes ({found}); the recurrence takes one: set `statistics` on "
+                "the BatchNormLSTM layer, or use `bn_keras.set_statistics`."
+            )
+        return mode
+
+    @property
+    def _norms(self):
+        return (self.input_norm, self.recurrent_norm, self.cell_norm)
 
     def build(self, sequences_shape, initial_state_shape=None):
         if len(sequences_shape) != 3 or sequences_shape[-1] is None:
@@ -284,9 +324,11 @@ class BatchNormLSTM(keras.layers.Layer):
             x = ops.flip(x, axis=TIME_AXIS)
             if mask is not None:
                 mask = ops.flip(mask, axis=TIME_AXIS)
+        mode = self._mode()
         train = bool(training) and self.trainable
+        batch_statistics = mode == "batch" or (train and mode == "update")
         batch = x.shape[0] if x.shape[0] is not None else ops.shape(x)[0]
-        if train:
+        if batch_statistics:
             x = checks.require(batch > 0, checks.empty_batch_message(x.shape), x)
 
         # The input-to-hidden pre-activations of all timesteps at once.
@@ -303,8 +345,10 @@ class BatchNormLSTM(keras.layers.Layer):
         xs = [ops.transpose(gates_x, (1, 0, 2))]
         if mask is not None:
             xs.append(ops.expand_dims(ops.transpose(mask, (1, 0)), -1))
-        if train:
-            sequence, h, c = self._train_recurrence(state, xs, mask, batch)
+        if batch_statistics:
+            sequence, h, c = self._train_recurrence(
+                state, xs, mask, batch, update=mode == "update"
+            )
         else:
             sequence, h, c = self._inference_recurrence(state, xs, mask)
 
@@ -401,7 +445,7 @@ class BatchNormLSTM(keras.layers.Layer):
         act, gate = self.activation, self.recurrent_activation
         return gate(f) * c + gate(i) * act(g), gate(o)
 
-    def _train_recurrence(self, state, xs, mask, batch):
+    def _train_recurrence(self, state, xs, mask, batch, update=True):
         recurrent_kernel, gamma_h, gamma_c, beta_c = self._weights()
         masked = mask is not None
 
@@ -443,6 +487,8 @@ class BatchNormLSTM(keras.layers.Layer):
             *counts,
         )
         last, stacked = ops.scan(step, init, tuple(xs))
+        if not update:
+            return stacked.h, last.h, last.c
         if masked:
             h_count, c_count = stacked.h_count, stacked.c_count
         else:
@@ -512,5 +558,6 @@ class BatchNormLSTM(keras.layers.Layer):
             "return_sequences": self.return_sequences,
             "return_state": self.return_state,
             "go_backwards": self.go_backwards,
+            "statistics": self.statistics,
         }
         return {**super().get_config(), **config}

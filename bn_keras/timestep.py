@@ -93,7 +93,8 @@ class TimestepBatchNorm(BatchNorm):
             the batch axis 0 nor the time axis 1.
         **kwargs: `BatchNorm`'s arguments (`momentum`, `epsilon`, `center`,
             `scale`, initializers, regularizers, constraints, `debias`,
-            `unbiased_variance`, `virtual_batch_size`, `synchronized`) and
+            `unbiased_variance`, `virtual_batch_size`, `synchronized`,
+            `statistics`) and
             the base layer's (`name`, `dtype`, ...).
 
     Call arguments:
@@ -101,7 +102,8 @@ class TimestepBatchNorm(BatchNorm):
         training: Python boolean. `True` normalizes each timestep with its
             batch statistics and updates its population statistics (if the
             layer is trainable); `False` or `None` uses the population
-            statistics.
+            statistics. The `statistics` modes `"frozen"` and `"batch"`
+            apply as in `BatchNorm`.
         mask: Optional boolean tensor, the input's shape without its last
             axis (Keras' convention, `(batch, time)` for 3-D inputs): masked
             entries do not enter the batch statistics.
@@ -133,10 +135,11 @@ class TimestepBatchNorm(BatchNorm):
             )
         super().build(input_shape)
 
-    def _train_call(self, x, mask):
+    def _train_call(self, x, mask, update=True):
         steps = ops.shape(x)[TIME_AXIS]
         message = empty_sequence_message(type(self).__name__, x.shape)
-        return super()._train_call(checks.require(steps > 0, message, x), mask)
+        x = checks.require(steps > 0, message, x)
+        return super()._train_call(x, mask, update)
 
     def _statistics_axes(self, axes):
         if 0 in axes or TIME_AXIS in axes:

@@ -137,6 +137,19 @@ def validate_fused(fused):
     raise ValueError(f"`fused` must be True, False or None. Received: fused={fused!r}")
 
 
+STATISTICS_MODES = ("update", "frozen", "batch")
+
+
+def validate_statistics(mode: Any) -> str:
+    """A statistics mode of `STATISTICS_MODES`, or a `ValueError` quoting it."""
+    if isinstance(mode, str) and mode in STATISTICS_MODES:
+        return mode
+    raise ValueError(
+        f"`statistics` must be one of {', '.join(map(repr, STATISTICS_MODES))}. "
+        f"Received: statistics={mode!r}"
+    )
+
+
 def validate_positive_int(value: Any, name: str) -> int:
     """`value` as an int, or a ValueError that quotes the argument.
 
