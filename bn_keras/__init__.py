@@ -4,6 +4,7 @@ Importing `bn_keras` registers `BatchNorm` with Keras' serialization: import it
 before loading a `.keras` file that holds the layer.
 """
 
+from bn_keras import callbacks
 from bn_keras.batch_norm import BatchNorm
 from bn_keras.fold import fold_batch_norms
 from bn_keras.lstm import BatchNormLSTM
@@ -16,6 +17,7 @@ __all__ = [
     "BatchNormLSTM",
     "TimestepBatchNorm",
     "__version__",
+    "callbacks",
     "batch_norm_layers",
     "fold_batch_norms",
     "recompute_statistics",

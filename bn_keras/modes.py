@@ -83,17 +83,25 @@ def statistics_mode(model: keras.Model, mode: str) -> Iterator[keras.Model]:
     try:
         yield model
     finally:
-        changed = False
-        for layer, old in previous:
-            changed |= layer._statistics != old
-            layer._statistics = old
-        if changed:
-            _rebuild_compiled_functions(model)
+        _restore(model, previous)
 
 
 def _set(model, mode):
     """`[(layer, previous mode)]` after setting `mode` on every layer of `model`."""
     mode = validate_statistics(mode)
+    layers = _check(model)
+    previous = [(layer, layer._statistics) for layer in layers]
+    for layer in layers:
+        # Not the attribute's setter: its warning is about compiled
+        # functions, which are rebuilt here.
+        layer._statistics = mode
+    if any(old != mode for _, old in previous):
+        _rebuild_compiled_functions(model)
+    return previous
+
+
+def _check(model):
+    """The BN layers of `model`, all ours, or a `ValueError`."""
     layers = batch_norm_layers(model)
     foreign = [layer.name for layer in layers if not isinstance(layer, BatchNorm)]
     if foreign:
@@ -105,16 +113,19 @@ def _set(model, mode):
     if not layers:
         raise ValueError(
             f"{_describe(model)} has no batch-normalization layer to set the "
-            f"statistics mode of. Received: mode={mode!r}"
+            "statistics mode of."
         )
-    previous = [(layer, layer._statistics) for layer in layers]
-    for layer in layers:
-        # Not the attribute's setter: its warning is about compiled
-        # functions, which are rebuilt here.
-        layer._statistics = mode
-    if any(old != mode for _, old in previous):
+    return layers
+
+
+def _restore(model, previous):
+    """Gives each layer of `_set`'s `[(layer, mode)]` its mode back."""
+    changed = False
+    for layer, old in previous:
+        changed |= layer._statistics != old
+        layer._statistics = old
+    if changed:
         _rebuild_compiled_functions(model)
-    return previous
 
 
 def _describe(model):
