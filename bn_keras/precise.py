@@ -116,17 +116,7 @@ def recompute_statistics(
         - [Wu & Johnson, 2021](https://arxiv.org/abs/2105.07576),
           "Rethinking 'Batch' in BatchNorm", Section 3.
     """
-    if batch_size is not None:
-        batch_size = validate_positive_int(batch_size, "batch_size")
-    if steps is not None:
-        steps = validate_positive_int(steps, "steps")
-    layers = batch_norm_layers(model)
-    if not layers:
-        raise ValueError(
-            f"Model {model.name!r} has no batch-normalization layer to recompute."
-        )
-    if not model.built:
-        raise ValueError(f"Model {model.name!r} must be built before recomputing.")
+    batch_size, steps, layers = _validated(model, batch_size, steps, "recompute")
     frozen = [layer.name for layer in layers if not layer.trainable]
     layers = [layer for layer in layers if layer.trainable]
     if not layers:
@@ -143,58 +133,9 @@ def recompute_statistics(
             stacklevel=2,
         )
     source, total_steps = _batches(data, batch_size, _model_inputs(model))
-    batches = source
-    if steps is not None:
-        batches = itertools.islice(source, steps)
-        total_steps = steps if total_steps is None else min(steps, total_steps)
-
-    position = {id(v): i for i, v in enumerate(model.non_trainable_variables)}
-    slots = [
-        (position[id(layer.moving_mean)], position[id(layer.moving_variance)])
-        for layer in layers
-    ]
-    trainable = [v.value for v in model.trainable_variables]
-    non_trainable = [v.value for v in model.non_trainable_variables]
-    # Stand-ins for the old statistics, which are replaced, never blended
-    # in, so that a NaN state cannot survive. Our layers replace outright and
-    # leave what a batch does not reach (a masked feature, a timestep beyond
-    # the batch's sequences) as it was: NaN marks it as not reached. Keras'
-    # layer blends with weight 0, and 0 * NaN is NaN: finite values for it.
-    for layer, (mean_at, variance_at) in zip(layers, slots, strict=True):
-        mean, variance = non_trainable[mean_at], non_trainable[variance_at]
-        if isinstance(layer, BatchNorm):
-            non_trainable[mean_at] = ops.full_like(mean, np.nan)
-            non_trainable[variance_at] = ops.full_like(variance, np.nan)
-        else:
-            non_trainable[mean_at] = ops.zeros_like(mean)
-            non_trainable[variance_at] = ops.ones_like(variance)
-    totals = [_Pooled() for _ in layers]
-    run = _compiled_statistics(model, slots)
-    saved = [_capture_batch_statistics(layer) for layer in layers]
-    try:
-        for step, x in enumerate(
-            tqdm(batches, total=total_steps, disable=not progress, desc="precise BN")
-        ):
-            if not _all_finite(x):
-                raise ValueError(
-                    f"Batch {step} of `data` holds a NaN or inf; nothing was "
-                    "recomputed."
-                )
-            statistics = run(trainable, non_trainable, x)
-            examples = int(ops.shape(tree.flatten(x)[0])[0])
-            for total, (mean, variance) in zip(totals, statistics, strict=True):
-                total.add(
-                    examples, ops.convert_to_numpy(mean), ops.convert_to_numpy(variance)
-                )
-    finally:
-        # Ends the data's epoch now (a PyDataset's workers), not when
-        # garbage-collected.
-        source.close()
-        for layer, attributes in zip(layers, saved, strict=True):
-            for name, value in attributes.items():
-                setattr(layer, name, value)
-    if totals[0].batches == 0:
-        raise ValueError("`data` yielded no batch: nothing to recompute from.")
+    totals = _measure(
+        model, layers, source, total_steps, steps, progress=progress, desc="precise BN"
+    )
     for layer, total in zip(layers, totals, strict=True):
         if not total.reached.any():
             raise ValueError(
@@ -229,17 +170,128 @@ def recompute_statistics(
     return result
 
 
-def _compiled_statistics(model, slots):
-    """`f(trainable, non_trainable, x) -> [(mean, variance) per BN layer]`.
+def _validated(model, batch_size, steps, verb):
+    """`(batch_size, steps, BN layers of model)`, checked; `verb` names the work."""
+    if batch_size is not None:
+        batch_size = validate_positive_int(batch_size, "batch_size")
+    if steps is not None:
+        steps = validate_positive_int(steps, "steps")
+    layers = batch_norm_layers(model)
+    if not layers:
+        raise ValueError(
+            f"Model {model.name!r} has no batch-normalization layer to {verb}."
+        )
+    if not model.built:
+        raise ValueError(f"Model {model.name!r} must be built before you {verb} it.")
+    return batch_size, steps, layers
 
-    The model's training-mode call, compiled as the backend compiles a train
-    step (tf.function, jax.jit; torch runs eagerly, without autograd), and
-    returning only the statistics it needs.
+
+def _measure(
+    model,
+    layers,
+    source,
+    total_steps,
+    steps,
+    *,
+    progress,
+    desc,
+    unfreeze=False,
+    on_batch=None,
+):
+    """The pooled moments of each layer's input, over the batches of `source`.
+
+    The model runs statelessly in training mode (compiled) on each `(x, y)`
+    batch of `source` (from `_batches`), at most `steps` of them; each layer
+    of `layers` normalizes with its batch statistics, whose moments are
+    collected. A frozen layer of `layers` would use its population statistics
+    instead and give none: `unfreeze=True` makes it trainable for the run.
+    `on_batch(x, y, outputs, inference_outputs)`, if given, gets each batch
+    with the model's outputs of that run and of an inference-mode run with
+    the real population statistics.
+
+    Nothing changes: the variables are only read, and the layers' attributes
+    (momentum, `trainable`, ...) are restored, also on an error. A batch with
+    a NaN or inf in `x`, or no batch at all, is a `ValueError`.
+
+    Returns:
+        One `_Pooled` per layer of `layers`.
+    """
+    batches = source
+    if steps is not None:
+        batches = itertools.islice(source, steps)
+        total_steps = steps if total_steps is None else min(steps, total_steps)
+    restores = []
+    try:
+        # Before the variables are listed: unfreezing moves gamma and beta
+        # among the model's trainable variables.
+        restores.extend(_capture_batch_statistics(layer, unfreeze) for layer in layers)
+        position = {id(v): i for i, v in enumerate(model.non_trainable_variables)}
+        slots = [
+            (position[id(layer.moving_mean)], position[id(layer.moving_variance)])
+            for layer in layers
+        ]
+        trainable = [v.value for v in model.trainable_variables]
+        non_trainable = [v.value for v in model.non_trainable_variables]
+        # Stand-ins for the old statistics, which the run replaces: our layers
+        # replace outright and leave what a batch does not reach (a masked
+        # feature, a timestep beyond the batch's sequences) as it was, so NaN
+        # marks it as not reached. Keras' layer blends with weight 0, and
+        # 0 * NaN is NaN: finite values for it.
+        stand_ins = list(non_trainable)
+        for layer, (mean_at, variance_at) in zip(layers, slots, strict=True):
+            mean, variance = stand_ins[mean_at], stand_ins[variance_at]
+            if isinstance(layer, BatchNorm):
+                stand_ins[mean_at] = ops.full_like(mean, np.nan)
+                stand_ins[variance_at] = ops.full_like(variance, np.nan)
+            else:
+                stand_ins[mean_at] = ops.zeros_like(mean)
+                stand_ins[variance_at] = ops.ones_like(variance)
+        totals = [_Pooled() for _ in layers]
+        run = _compiled_call(model, slots, training=True)
+        infer = None if on_batch is None else _compiled_call(model, [], training=False)
+        for step, (x, y) in enumerate(
+            tqdm(batches, total=total_steps, disable=not progress, desc=desc)
+        ):
+            if not _all_finite(x):
+                raise ValueError(
+                    f"Batch {step} of `data` holds a NaN or inf; nothing was changed."
+                )
+            outputs, statistics = run(trainable, stand_ins, x)
+            examples = int(ops.shape(tree.flatten(x)[0])[0])
+            for total, (mean, variance) in zip(totals, statistics, strict=True):
+                total.add(
+                    examples, ops.convert_to_numpy(mean), ops.convert_to_numpy(variance)
+                )
+            if on_batch is not None:
+                on_batch(x, y, outputs, infer(trainable, non_trainable, x)[0])
+    finally:
+        # Ends the data's epoch now (a PyDataset's workers), not when
+        # garbage-collected.
+        source.close()
+        for restore in reversed(restores):
+            restore()
+    if totals[0].batches == 0:
+        raise ValueError("`data` yielded no batch; nothing was changed.")
+    return totals
+
+
+def _compiled_call(model, slots, training):
+    """`f(trainable, non_trainable, x) -> (outputs, [(mean, variance) per slot])`.
+
+    The model's stateless call, compiled as the backend compiles a train
+    step (tf.function, jax.jit; torch runs eagerly, without autograd),
+    returning the outputs and, of the new state, only the statistics at
+    `slots`.
     """
 
     def run(trainable, non_trainable, x):
-        _, state = model.stateless_call(trainable, non_trainable, x, training=True)
-        return [(state[mean_at], state[variance_at]) for mean_at, variance_at in slots]
+        outputs, state = model.stateless_call(
+            trainable, non_trainable, x, training=training
+        )
+        statistics = [
+            (state[mean_at], state[variance_at]) for mean_at, variance_at in slots
+        ]
+        return outputs, statistics
 
     backend = keras.backend.backend()
     if backend == "tensorflow":
@@ -257,21 +309,38 @@ def _compiled_statistics(model, slots):
     return run
 
 
-def _capture_batch_statistics(layer):
+def _capture_batch_statistics(layer, unfreeze):
     """Makes `layer`'s training-mode update write the batch statistics.
 
     With momentum 0 the moving statistics become exactly this batch's mean and
-    variance. Returns the attributes to restore.
+    variance. With `unfreeze`, a frozen layer is made trainable, so that it
+    normalizes with, and writes, them too. Returns a function that restores
+    the layer's attributes.
     """
     names = ["momentum"]
     if isinstance(layer, BatchNorm):
         names += ["debias", "unbiased_variance"]
     saved = {name: getattr(layer, name) for name in names}
+    frozen = unfreeze and not layer.trainable
+    # Keras' setter sets the flag of the layer's variables too: each is
+    # restored as it was.
+    flags = [(v, v.trainable) for v in layer.variables] if frozen else []
     layer.momentum = 0.0
     if isinstance(layer, BatchNorm):
         layer.debias = False
         layer.unbiased_variance = False
-    return saved
+    if frozen:
+        layer.trainable = True
+
+    def restore():
+        if frozen:
+            layer.trainable = False
+            for variable, flag in flags:
+                variable.trainable = flag
+        for name, value in saved.items():
+            setattr(layer, name, value)
+
+    return restore
 
 
 def _all_finite(x):
@@ -349,7 +418,8 @@ def _describe(structure):
 
 def _check_inputs(x, model_inputs, where, rule):
     """A ValueError unless `x` fits the model's inputs: their number (or a
-    dict's keys) and rank, as Keras' functional models take them."""
+    dict's keys), rank and known sizes, as Keras' functional models take
+    them."""
     structure, inputs = model_inputs
     if inputs is None:
         return
@@ -381,6 +451,15 @@ def _check_inputs(x, model_inputs, where, rule):
                 f"{tuple(tensor.shape)}, but {where} gives it an array of shape "
                 f"{shape}; is the data batched? Received: {_describe(x)}"
             )
+        if len(shape) == rank and any(
+            size is not None and given != size
+            for size, given in zip(tensor.shape[1:], shape[1:], strict=True)
+        ):
+            raise ValueError(
+                f"The model's input {tensor.name!r} takes shape "
+                f"{tuple(tensor.shape)}, but {where} gives it an array of shape "
+                f"{shape}. Received: {_describe(x)}"
+            )
 
 
 ARRAY_RULE = (
@@ -395,11 +474,13 @@ BATCH_RULE = (
 )
 
 
-def _batches(data, batch_size, model_inputs):
-    """`(iterator of input batches, number of batches or None)` from `data`.
+def _batches(data, batch_size, model_inputs, y=None):
+    """`(iterator of (x, y) batches, number of batches or None)` from `data`.
 
     Arrays and Keras' data types go through Keras' data adapters, read as
-    the backend's train step reads them; other iterables batch by batch.
+    the backend's train step reads them; other iterables batch by batch. `y`
+    (targets for array `data`, or None) is batched along with them; a batch
+    without targets has `y` None.
     """
     if data is None:
         raise ValueError(
@@ -409,7 +490,7 @@ def _batches(data, batch_size, model_inputs):
     if array_data_adapter.can_convert_arrays((data,)):
         arrays = tree.flatten(data)
         if not arrays:
-            raise ValueError("`data` yielded no batch: nothing to recompute from.")
+            raise ValueError("`data` yielded no batch; nothing was changed.")
         if batch_size is None:
             hint = (
                 " A list or tuple of arrays is the model's inputs, as in "
@@ -423,13 +504,23 @@ def _batches(data, batch_size, model_inputs):
             )
         _check_inputs(data, model_inputs, "`data`", ARRAY_RULE)
         examples = int(arrays[0].shape[0])
+        if y is not None:
+            _check_targets(y, examples)
         if examples > 1 and examples % batch_size == 1:
             # A last batch of one example has no spread to measure (BatchNorm
             # refuses it in training mode); it is left out.
-            data = tree.map_structure(lambda value: value[: examples - 1], data)
-        adapter = get_data_adapter(data, batch_size=batch_size, shuffle=False)
-        # The adapter yields `x`, or `(x,)` when `x` is a tuple or list.
+            data, y = tree.map_structure(
+                lambda value: value[: examples - 1], (data, y), none_is_leaf=False
+            )
+        adapter = get_data_adapter(data, y, batch_size=batch_size, shuffle=False)
+        # The adapter yields `x`, `(x,)` when `x` is a tuple or list, or `(x, y)`.
         return _unpacked(_adapted(adapter), model_inputs), adapter.num_batches
+    if y is not None:
+        raise ValueError(
+            "`y` goes with array `data` only; a dataset or an iterable yields "
+            "its targets in its `(x, y)` batches. Received: y with data of type "
+            f"{type(data).__name__}"
+        )
     if batch_size is not None:
         raise ValueError(
             "`batch_size` applies to array data only (arrays or tensors, or a "
@@ -484,14 +575,32 @@ def _adapted(adapter):
         adapter.on_epoch_end()
 
 
+def _check_targets(y, examples):
+    """A ValueError unless `y` is arrays with `examples` examples each."""
+    values = tree.flatten(y)
+    if not values or not array_data_adapter.can_convert_arrays((y,)):
+        raise ValueError(
+            "`y` must be an array (or a structure of arrays, as the model's "
+            f"outputs) of targets. Received: y of type {type(y).__name__}"
+        )
+    for value in values:
+        shape = tuple(getattr(value, "shape", ()))
+        if not shape or shape[0] != examples:
+            raise ValueError(
+                f"`y` must have one target per example of `data` ({examples}). "
+                f"Received: y of shape {shape}"
+            )
+
+
 def _unpacked(batches, model_inputs):
-    """The inputs `x` of each `(x,)`, `(x, y)`, `(x, y, w)` or `x` batch."""
+    """`(x, y)` of each `(x,)`, `(x, y)`, `(x, y, w)` or `x` batch (`y` None
+    where the batch has none)."""
     for step, batch in enumerate(batches):
         if isinstance(batch, (tuple, list)) and not 1 <= len(batch) <= 3:
             raise ValueError(
                 f"Batch {step} of `data` is a {type(batch).__name__} of "
                 f"{len(batch)} elements. {BATCH_RULE} Received: {_describe(batch)}"
             )
-        x, _, _ = keras.utils.unpack_x_y_sample_weight(batch)
+        x, y, _ = keras.utils.unpack_x_y_sample_weight(batch)
         _check_inputs(x, model_inputs, f"batch {step} of `data`", BATCH_RULE)
-        yield x
+        yield x, y
