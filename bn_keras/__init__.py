@@ -6,6 +6,7 @@ before loading a `.keras` file that holds the layer.
 
 from bn_keras import callbacks
 from bn_keras.batch_norm import BatchNorm
+from bn_keras.convert import convert_batch_norms
 from bn_keras.fold import fold_batch_norms
 from bn_keras.lstm import BatchNormLSTM
 from bn_keras.modes import set_statistics, statistics_mode
@@ -18,6 +19,7 @@ __all__ = [
     "TimestepBatchNorm",
     "__version__",
     "callbacks",
+    "convert_batch_norms",
     "batch_norm_layers",
     "fold_batch_norms",
     "recompute_statistics",

@@ -18,9 +18,7 @@ import keras
 import numpy as np
 import pytest
 
-import bn_keras
-from bn_keras import BatchNorm, BatchNormLSTM, TimestepBatchNorm
-from bn_keras.convert import convert_batch_norms
+from bn_keras import BatchNorm, BatchNormLSTM, TimestepBatchNorm, convert_batch_norms
 from bn_keras.precise import batch_norm_layers
 from tests.bn_keras.helpers import BACKEND
 
@@ -614,10 +612,6 @@ def _docs_example():
 
 
 def test_docs_example_runs(tmp_path, monkeypatch):
-    # Until the package exports it, the example finds it there all the same.
-    monkeypatch.setattr(
-        bn_keras, "convert_batch_norms", convert_batch_norms, raising=False
-    )
     monkeypatch.chdir(tmp_path)
     namespace = {}
     exec(compile(_docs_example(), str(DOCS), "exec"), namespace)
