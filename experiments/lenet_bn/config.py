@@ -4,6 +4,7 @@ from pathlib import Path
 
 from experiments.common.config import (
     DATA_DEFAULTS,
+    ConfigError,
     Schema,
     check_batch_norm,
     check_memory,
@@ -28,7 +29,17 @@ DEFAULTS = {
     "bn_momentum": 0.9,
     "bn_epsilon": 1e-5,
     # Precise BN after each epoch: this many training batches of batch_size.
+    # The callbacks study draws its own sample of this size once, for the
+    # PreciseBN callback and the diagnosis.
     "precise_bn_batches": 50,
+    # bn_keras.inspect_statistics at each epoch's end reads this many batches
+    # of that sample (all of it if fewer): a few, to keep its cost small.
+    "diagnosis_batches": 8,
+    # The callbacks study's FreezeStatistics run freezes the statistics for
+    # the last epochs; fewer than `epochs`, so that some epoch measured them.
+    "freeze_last_epochs": 3,
+    # The use_ema runs: SGD(use_ema=True), Keras' default ema_momentum.
+    "ema_momentum": 0.99,
     # Passes over the test set timed for the folded and unfolded networks.
     "speed_rounds": 5,
 }
@@ -37,13 +48,32 @@ DEFAULTS = {
 def validate(config):
     """Checks the training keys; the debiased statistics need momentum < 1."""
     check_positive(
-        config, "learning_rate", "epochs", "precise_bn_batches", "speed_rounds"
+        config,
+        "learning_rate",
+        "epochs",
+        "precise_bn_batches",
+        "speed_rounds",
+        "diagnosis_batches",
+        "freeze_last_epochs",
     )
     check_batch_norm(config, debiased=True)
+    if config["freeze_last_epochs"] >= config["epochs"]:
+        raise ConfigError(
+            f"config key 'freeze_last_epochs' ({config['freeze_last_epochs']}) "
+            f"must be less than 'epochs' ({config['epochs']}): FreezeStatistics "
+            "fixes the statistics of the epochs before, so some epoch must "
+            "measure them"
+        )
+    if not 0.0 <= config["ema_momentum"] < 1.0:
+        raise ConfigError(
+            "config key 'ema_momentum' must be in [0, 1) (1 would keep the "
+            f"initial weights). Received: {config['ema_momentum']!r}"
+        )
     # The networks and the data are of fixed size; the records grow with
-    # the epochs: one per epoch of each of the four versions, a few dozen
-    # numbers each (about 100 bytes a number, as a Python object and JSON).
-    check_memory({"metrics (epochs)": config["epochs"] * 4 * 30 * 100})
+    # the epochs: one per epoch of each of the four versions and of the
+    # study's four runs, a few dozen numbers each (about 100 bytes a number,
+    # as a Python object and JSON).
+    check_memory({"metrics (epochs)": config["epochs"] * 8 * 30 * 100})
 
 
 SCHEMA = Schema(

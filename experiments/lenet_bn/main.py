@@ -13,7 +13,11 @@ the training loss and accuracy, test accuracy and examples per second; the
 bn_keras network's test accuracy with its moving averages, debiased moving
 averages, statistics recomputed after the epoch (precise BN) and each test
 batch's own statistics; the first BN layer's learned gamma and beta; and the
-folded BN networks' test accuracy, agreement and inference speed.
+folded BN networks' test accuracy, agreement and inference speed. The
+callbacks study (`callbacks_study`) diagnoses the bn_keras network's
+statistics at each epoch's end (`bn_keras.inspect_statistics`) and trains it
+again with `bn_keras.callbacks.PreciseBN`, with `FreezeStatistics` and with
+`SGD(use_ema=True)`.
 """
 
 import time
@@ -25,6 +29,7 @@ from experiments.lenet_bn.config import SCHEMA
 
 def run(run_dir, config, data, progress=True):
     """Trains the versions, runs the studies, writes every output into `run_dir`."""
+    from experiments.lenet_bn import callbacks_study as cs
     from experiments.lenet_bn import models as lm
     from experiments.lenet_bn import train as lt
     from experiments.lenet_bn.plots import plot_all
@@ -32,8 +37,24 @@ def run(run_dir, config, data, progress=True):
     start = time.perf_counter()
     run_dir.stage("training")
     models = lt.build_versions(config)
+    initial_weights = models[lm.BN_KERAS].get_weights()
+    study = cs.Study(data, config)
     records = lt.train_versions(
-        models, data, config, progress=progress, report=run_dir.progress
+        models,
+        data,
+        config,
+        progress=progress,
+        report=run_dir.progress,
+        observe=study.observe,
+    )
+    run_dir.stage("callbacks study")
+    studied = study.run(
+        initial_weights,
+        records[lm.BN_KERAS],
+        progress=progress,
+        report=lambda step, steps: run_dir.stage(
+            "callbacks study", step=step, steps=steps
+        ),
     )
     run_dir.stage("folding")
     folded, fold = {}, {}
@@ -73,6 +94,7 @@ def run(run_dir, config, data, progress=True):
             if version != lm.PLAIN
         },
         "fold": fold,
+        **studied,
         "wall_seconds": time.perf_counter() - start,
     }
     run_dir.write_outputs(metrics, plot_all, summary_table(metrics), progress)
@@ -81,6 +103,102 @@ def run(run_dir, config, data, progress=True):
 
 def _number(value, spec):
     return "n/a" if value is None else format(value, spec)
+
+
+def _ratio_range(record):
+    low, high = record["variance_ratio_min"], record["variance_ratio_max"]
+    return f"{_number(low, '.3g')}..{_number(high, '.3g')}"
+
+
+def _study_summary(metrics):
+    """The callbacks study's part of the summary: the diagnosis per epoch and
+    of the worst epoch, the callbacks' accuracy per epoch, the use_ema gap."""
+    from experiments.lenet_bn import callbacks_study as cs
+
+    config = metrics["config"]
+    epochs = metrics["epochs"]
+    diagnosis = metrics["diagnosis"]
+    layers = len(diagnosis["worst"]["report"]["layers"])
+    lines = [
+        "",
+        "Diagnosis of the bn_keras network at each epoch's end "
+        f"(bn_keras.inspect_statistics on {diagnosis['examples']} training "
+        f"examples in {diagnosis['batches']} batches; a layer is stale past a "
+        f"mean shift of {diagnosis['max_shift']:g} or a variance factor of "
+        f"{diagnosis['max_variance_factor']:g}):",
+        "",
+        "| epoch | test acc (moving averages) | stale BN layers | worst mean shift "
+        "| variance ratio | output gap | accuracy gap (sample) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for index, epoch in enumerate(epochs):
+        record = {field: diagnosis[field][index] for field in cs.DIAGNOSIS_FIELDS}
+        lines.append(
+            f"| {epoch} | {metrics['versions']['bn_keras']['test_accuracy'][index]:.3f}"
+            f" | {record['stale_layers']} of {layers} | "
+            f"{_number(record['mean_shift_max'], '.3g')} | {_ratio_range(record)} | "
+            f"{_number(record['output_gap'], '.3f')} | "
+            f"{_number(record['accuracy_gap'], '+.3f')} |"
+        )
+    worst = diagnosis["worst"]
+    lines += [
+        "",
+        f"The diagnosis of epoch {worst['epoch']}, the lowest test accuracy "
+        f"({worst[cs.TEST_ACCURACY]:.3f}):",
+        "",
+        "```text",
+        worst["table"],
+        "```",
+        "",
+        "Test accuracy per epoch of the bn_keras network with callbacks, from "
+        "the same weights on the same batches (population statistics, as "
+        "model.evaluate gives it):",
+        "",
+        "| callback | " + " | ".join(str(e) for e in epochs) + " |",
+        "|---|" + "---|" * len(epochs),
+    ]
+    runs = metrics["callbacks"]
+    for run in cs.CALLBACK_RUNS:
+        lines.append(
+            f"| {cs.run_label(run, config)} | "
+            + " | ".join(f"{a:.3f}" for a in runs[run][cs.TEST_ACCURACY])
+            + " |"
+        )
+    seconds = sorted(runs[cs.PRECISE_BN][cs.PRECISE_BN_SECONDS])
+    train = sorted(metrics["versions"]["bn_keras"]["train_seconds"])
+    lines += [
+        "",
+        f"PreciseBN took {seconds[len(seconds) // 2]:.2f} s an epoch (median), a "
+        f"training epoch {train[len(train) // 2]:.2f} s.",
+    ]
+    ema = metrics["use_ema"]
+    stale, precise = (ema["runs"][run] for run in cs.EMA_RUNS)
+    lines += [
+        "",
+        f"use_ema: SGD(use_ema=True, ema_momentum={config['ema_momentum']}), test "
+        "accuracy after fit():",
+        "",
+        "| weights | population statistics | test acc |",
+        "|---|---|---|",
+        "| last step's (no use_ema) | moving averages | "
+        f"{metrics['versions']['bn_keras']['test_accuracy'][-1]:.4f} |",
+        "| last step's (no use_ema) | PreciseBN | "
+        f"{runs[cs.PRECISE_BN][cs.TEST_ACCURACY][-1]:.4f} |",
+        "| averaged (use_ema) | moving averages fit() leaves (stale) | "
+        f"{stale[cs.FINAL_TEST_ACCURACY]:.4f} |",
+        "| averaged (use_ema) | PreciseBN (at the end of training) | "
+        f"{precise[cs.FINAL_TEST_ACCURACY]:.4f} |",
+        "",
+        "The diagnosis of the averaged weights with the stale statistics: "
+        f"{ema['diagnosis']['stale_layers']} of {layers} BN layers stale, worst "
+        f"mean shift {_number(ema['diagnosis']['mean_shift_max'], '.3g')}, "
+        f"variance ratio {_ratio_range(ema['diagnosis'])}:",
+        "",
+        "```text",
+        ema["diagnosis"]["table"],
+        "```",
+    ]
+    return lines
 
 
 def summary_table(metrics):
@@ -142,6 +260,7 @@ def summary_table(metrics):
         for name in ("gamma", "beta"):
             values = ", ".join(f"{v:.3f}" for v in params[name])
             lines.append(f"- {LABELS[version]}, {name}: [{values}]")
+    lines += _study_summary(metrics)
     return "\n".join(lines) + "\n"
 
 
@@ -154,7 +273,10 @@ EXPERIMENT = cli.Experiment(
         "1.0; record per-epoch loss, accuracy and speed, the bn_keras "
         "network's test accuracy with EMA, debiased and recomputed (precise "
         "BN) statistics, the first BN layer's gamma and beta, and the folded "
-        "networks' accuracy and inference speed."
+        "networks' accuracy and inference speed. The callbacks study "
+        "diagnoses the bn_keras network's statistics at each epoch's end "
+        "(inspect_statistics) and trains it again with the PreciseBN and "
+        "FreezeStatistics callbacks and with SGD(use_ema=True)."
     ),
     schema=SCHEMA,
     body=run,

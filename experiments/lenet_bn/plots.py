@@ -1,10 +1,13 @@
 """The LeNet-BN figures, drawn from a run's metrics file."""
 
+from matplotlib.ticker import MaxNLocator
+
 from experiments.common.metrics import BATCH_STATS, DEBIASED_EMA, EMA, PRECISE
 from experiments.common.plotting import load_metrics, plt, save
+from experiments.lenet_bn import callbacks_study as cs
 from experiments.lenet_bn.models import LABELS, VERSIONS
 
-FIGURES = ("curves.png", "statistics.png")
+FIGURES = ("curves.png", "statistics.png", "callbacks.png")
 CURVES = {
     "train_loss": "training loss",
     "train_accuracy": "training accuracy",
@@ -23,7 +26,7 @@ def plot_all(metrics_path, out_dir=None):
     metrics, out_dir = load_metrics(metrics_path, out_dir)
     return [
         save(draw(metrics), out_dir / name)
-        for name, draw in zip(FIGURES, (_curves, _statistics), strict=True)
+        for name, draw in zip(FIGURES, (_curves, _statistics, _callbacks), strict=True)
     ]
 
 
@@ -58,4 +61,79 @@ def _statistics(metrics):
     ax.set_title("bn_keras LeNet-BN: test accuracy by population statistics")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return fig
+
+
+def _callbacks(metrics):
+    """The callbacks study: accuracy per epoch by callback, the diagnosis per
+    epoch, and use_ema's test accuracy by weights and statistics."""
+    config, epochs = metrics["config"], metrics["epochs"]
+    fig, (runs_ax, diagnosis_ax, ema_ax) = plt.subplots(
+        1, 3, figsize=(17, 4.4), gridspec_kw={"width_ratios": [1.2, 1.1, 1.0]}
+    )
+    for ax in (runs_ax, diagnosis_ax):
+        ax.set_xlim(epochs[0] - 0.5, epochs[-1] + 0.5)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    frozen_from = epochs[-1] - config["freeze_last_epochs"] + 0.5
+    runs_ax.axvspan(frozen_from, epochs[-1] + 0.5, color="0.9", zorder=0)
+    for run in cs.CALLBACK_RUNS:
+        runs_ax.plot(
+            epochs,
+            metrics["callbacks"][run][cs.TEST_ACCURACY],
+            marker="o",
+            ms=3,
+            label=cs.run_label(run, config),
+        )
+    runs_ax.set_xlabel("epoch (shaded: statistics frozen)")
+    runs_ax.set_ylabel("test accuracy")
+    runs_ax.set_title("test accuracy with callbacks")
+    runs_ax.grid(alpha=0.3)
+    runs_ax.legend(fontsize=8)
+
+    diagnosis = metrics["diagnosis"]
+    for field, style in (
+        ("mean_shift_max", "o-"),
+        ("variance_factor_max", "s-"),
+    ):
+        values = [float("nan") if v is None else v for v in diagnosis[field]]
+        diagnosis_ax.plot(epochs, values, style, ms=3, label=cs.DIAGNOSIS_FIELDS[field])
+    diagnosis_ax.axhline(
+        diagnosis["max_shift"], color="C0", ls=":", label="mean shift threshold"
+    )
+    diagnosis_ax.axhline(
+        diagnosis["max_variance_factor"],
+        color="C1",
+        ls=":",
+        label="variance factor threshold",
+    )
+    diagnosis_ax.set_yscale("log")
+    diagnosis_ax.set_xlabel("epoch")
+    diagnosis_ax.set_title("diagnosis of the moving averages (worst layer)")
+    diagnosis_ax.grid(alpha=0.3)
+    diagnosis_ax.legend(fontsize=8)
+
+    ema = metrics["use_ema"]["runs"]
+    last = {
+        run: metrics["callbacks"][run][cs.TEST_ACCURACY][-1]
+        for run in (cs.NO_CALLBACK, cs.PRECISE_BN)
+    }
+    bars = {
+        "last step's\nweights,\nmoving averages": last[cs.NO_CALLBACK],
+        "last step's\nweights,\nPreciseBN": last[cs.PRECISE_BN],
+        "averaged\nweights,\nmoving averages": ema[cs.EMA_STALE][
+            cs.FINAL_TEST_ACCURACY
+        ],
+        "averaged\nweights,\nPreciseBN": ema[cs.EMA_PRECISE][cs.FINAL_TEST_ACCURACY],
+    }
+    positions = range(len(bars))
+    ema_ax.bar(positions, list(bars.values()), color=["C0", "C1", "C3", "C2"])
+    for position, value in zip(positions, bars.values(), strict=True):
+        ema_ax.text(position, value, f"{value:.3f}", ha="center", va="bottom")
+    ema_ax.set_xticks(list(positions), list(bars), fontsize=8)
+    ema_ax.set_ylim(0, 1.05)
+    ema_ax.set_ylabel("test accuracy after fit()")
+    ema_ax.set_title(f"use_ema (ema_momentum {config['ema_momentum']})")
+    fig.suptitle(
+        f"bn_keras LeNet-BN on {config['dataset']}: steering the population statistics"
+    )
     return fig

@@ -1,12 +1,13 @@
 """LeNet-BN: training the versions, the statistics study, folding and its speed.
 
 Data flows one way: `train_versions` trains every version of `models`
-from the same initial weights on the same mini-batches with `model.fit`,
-recording per epoch the training loss and accuracy (averaged over the epoch
-in training mode, as the chapter reports them), the test accuracy and the
-training throughput. For the `bn_keras` version it also tests, at each
-epoch's end, the same weights with other population statistics
-(`STATISTICS`): evaluating them is cheap, training another network is not.
+from the same initial weights on the same mini-batches (`fit_epochs`: one
+`model.fit` over `EpochBatches`), recording per epoch the training loss and
+accuracy (averaged over the epoch in training mode, as the chapter reports
+them), the test accuracy and the training throughput. For the `bn_keras`
+version it also tests, at each epoch's end, the same weights with other
+population statistics (`STATISTICS`): evaluating them is cheap, training
+another network is not.
 `fold_check` folds the trained BN networks and compares predictions and
 inference speed.
 """
@@ -50,20 +51,76 @@ def build_versions(config: dict) -> dict:
         if version != lm.PLAIN:
             lm.copy_initial_weights(models[lm.PLAIN], models[version])
     for model in models.values():
-        model.compile(
-            optimizer=keras.optimizers.SGD(config["learning_rate"]),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=["accuracy"],
-        )
+        compile_lenet(model, config)
     return {version: models[version] for version in lm.VERSIONS}
 
 
-def epoch_orders(num_examples: int, epochs: int, seed: int) -> Iterator[np.ndarray]:
+def compile_lenet(model, config: dict, **optimizer_options) -> None:
+    """The chapter's training: SGD at `learning_rate` (with `optimizer_options`,
+    e.g. `use_ema=True`), softmax cross-entropy on the logits, accuracy."""
+    model.compile(
+        optimizer=keras.optimizers.SGD(config["learning_rate"], **optimizer_options),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        metrics=["accuracy"],
+    )
+
+
+def epoch_orders(num_examples: int, seed: int) -> Iterator[np.ndarray]:
     """The order of the training examples in each epoch, the same for every
-    version: drawn one epoch at a time, never all the run's up front."""
+    network: drawn one epoch at a time, as long as they are asked for, never
+    all the run's up front."""
     rng = np.random.default_rng([seed, 1])
-    for _ in range(epochs):
+    while True:
         yield rng.permutation(num_examples)
+
+
+class EpochBatches(keras.utils.PyDataset):
+    """The training mini-batches of every epoch, one endless sequence for `fit`.
+
+    Batch `i` is batch `i % steps_per_epoch` of epoch `i // steps_per_epoch`
+    in `epoch_orders`' order for that epoch (the last batch of an epoch may be
+    smaller), so what `fit` trains on depends on the step alone: not on when
+    Keras' prefetching reads ahead, nor on the callbacks. An epoch's order is
+    drawn when its first batch is read.
+    """
+
+    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, seed: int):
+        super().__init__()
+        self.x, self.y, self.batch_size = x, y, batch_size
+        self.steps_per_epoch = -(-len(x) // batch_size)
+        self._orders = epoch_orders(len(x), seed)
+        self._epoch, self._order = -1, None
+
+    @property
+    def num_batches(self):
+        return None  # endless: `fit` is given `steps_per_epoch`
+
+    def __getitem__(self, index):
+        epoch, step = divmod(index, self.steps_per_epoch)
+        while self._epoch < epoch:
+            self._order, self._epoch = next(self._orders), self._epoch + 1
+        if epoch != self._epoch:
+            raise IndexError(
+                f"batch {index} is of epoch {epoch + 1}, already past: the "
+                f"batches are read in order (now at epoch {self._epoch + 1})"
+            )
+        chosen = self._order[step * self.batch_size : (step + 1) * self.batch_size]
+        return self.x[chosen], self.y[chosen]
+
+
+def fit_epochs(model, x, y, config: dict, callbacks=()) -> None:
+    """Trains `model` for `config["epochs"]` epochs of `EpochBatches`, in one
+    `fit` (so that callbacks see the whole training, and an optimizer with
+    `use_ema=True` swaps in its averages once, at the end)."""
+    batches = EpochBatches(x, y, config["batch_size"], config["seed"])
+    model.fit(
+        batches,
+        epochs=config["epochs"],
+        steps_per_epoch=batches.steps_per_epoch,
+        shuffle=False,
+        verbose=0,
+        callbacks=list(callbacks),
+    )
 
 
 def accuracy(model, x, y, training: bool = False) -> float:
@@ -133,7 +190,9 @@ class _EpochRecorder(keras.callbacks.Callback):
             self.report((epoch + 1) * self.steps_per_epoch)
 
 
-def train_versions(models: dict, data, config: dict, progress=True, report=None):
+def train_versions(
+    models: dict, data, config: dict, progress=True, report=None, observe=None
+):
     """Trains every version on the same mini-batches; returns per-epoch records.
 
     Args:
@@ -144,12 +203,15 @@ def train_versions(models: dict, data, config: dict, progress=True, report=None)
         progress: Whether to show a progress bar.
         report: Optional `report(step, steps)` after each epoch, steps
             counted over all versions.
+        observe: Optional `observe(model, epoch) -> dict`, called at the end
+            of each epoch of the `bn_keras` version, after its test
+            accuracies; it must leave the model as it found it.
 
     Returns:
         `{version: [record per epoch]}`; a record holds `train_loss`,
         `train_accuracy`, `train_seconds`, `examples_per_second`,
         `test_accuracy`, and for `bn_keras` `statistics`: the test accuracy
-        with each of `STATISTICS`.
+        with each of `STATISTICS`, and `observed`: what `observe` returned.
     """
     x_train, y_train = images(data.x_train), data.y_train
     x_test, y_test = images(data.x_test), data.y_test
@@ -186,6 +248,8 @@ def train_versions(models: dict, data, config: dict, progress=True, report=None)
                 )
                 by_statistics[PRECISE] = accuracy(variant, x_test, y_test)
                 result["statistics"] = {s: by_statistics[s] for s in STATISTICS}
+                if observe is not None:
+                    result["observed"] = observe(model, epoch)
                 return result
 
             done = index * steps_per_epoch * epochs
@@ -198,18 +262,7 @@ def train_versions(models: dict, data, config: dict, progress=True, report=None)
                 steps_per_epoch,
                 epochs,
             )
-            orders = epoch_orders(len(x_train), epochs, config["seed"])
-            for epoch, order in enumerate(orders):
-                model.fit(
-                    x_train[order],
-                    y_train[order],
-                    batch_size=batch_size,
-                    epochs=epoch + 1,
-                    initial_epoch=epoch,
-                    shuffle=False,
-                    verbose=0,
-                    callbacks=[recorder],
-                )
+            fit_epochs(model, x_train, y_train, config, [recorder])
             for record in recorder.records:
                 record["examples_per_second"] = len(x_train) / record["train_seconds"]
             records[version] = recorder.records

@@ -1,5 +1,5 @@
 """The LeNet-BN experiment (experiments/lenet_bn, d2l 7.5): its BN maths,
-folding, data and command line."""
+folding, the callbacks study, data and command line."""
 
 import gzip
 
@@ -16,6 +16,7 @@ from experiments.common.metrics import (
     METRICS_FILE,
     PRECISE,
 )
+from experiments.lenet_bn import callbacks_study as cs
 from experiments.lenet_bn import main as lenet_bn
 from experiments.lenet_bn import models as lm
 from experiments.lenet_bn import train as lt
@@ -84,10 +85,7 @@ def test_folded_equals_unfolded(lenet_run):
         assert fold["predictions_identical"], version
         assert fold["test_accuracy"] == fold["folded_test_accuracy"]
         assert fold["bn_layers"] == 4 and fold["bn_layers_after_folding"] == 0
-    config = metrics["config"]
-    data = data_lib.select(
-        data_lib.load_mnist(config["data_source"]), 0, config["test_examples"]
-    )
+    data = _smoke_data(metrics["config"])
     x = lt.images(data.x_test)
     model = keras.saving.load_model(out / "bn_keras.keras")
     folded = keras.saving.load_model(out / "bn_keras_folded.keras")
@@ -97,6 +95,173 @@ def test_folded_equals_unfolded(lenet_run):
     )
     accuracy = lt.accuracy(model, x, data.y_test)
     assert accuracy == metrics["versions"]["bn_keras"]["test_accuracy"][-1]
+
+
+def _smoke_data(config):
+    return data_lib.select(
+        data_lib.load_mnist(config["data_source"]),
+        config["train_examples"],
+        config["test_examples"],
+    )
+
+
+def test_diagnosis_of_each_epoch(lenet_run):
+    out, metrics = lenet_run
+    diagnosis, epochs = metrics["diagnosis"], len(metrics["epochs"])
+    config = metrics["config"]
+    assert diagnosis["batches"] == config["diagnosis_batches"]
+    assert diagnosis["examples"] == config["diagnosis_batches"] * config["batch_size"]
+    for field in cs.DIAGNOSIS_FIELDS:
+        assert len(diagnosis[field]) == epochs, field
+    assert all(n in range(5) for n in diagnosis["stale_layers"])
+    assert all(s >= 0 for s in diagnosis["mean_shift_max"])
+    for low, high, factor in zip(
+        diagnosis["variance_ratio_min"],
+        diagnosis["variance_ratio_max"],
+        diagnosis["variance_factor_max"],
+        strict=True,
+    ):
+        assert 0 < low <= high and factor == pytest.approx(max(high, 1 / low))
+    # The worst epoch is the lowest moving-average test accuracy, and its
+    # report is that epoch's.
+    accuracy = metrics["versions"]["bn_keras"]["test_accuracy"]
+    worst = diagnosis["worst"]
+    assert accuracy[worst["epoch"] - 1] == min(accuracy) == worst["test_accuracy"]
+    report = worst["report"]
+    assert [layer["name"] for layer in report["layers"]] == [
+        f"{name}_bn" for name in lm.NORMALIZED
+    ]
+    stale = sum(layer["stale"] for layer in report["layers"])
+    assert (
+        stale == diagnosis["stale_layers"][worst["epoch"] - 1] == worst["stale_layers"]
+    )
+    assert report["accuracy_gap"] == worst["accuracy_gap"]
+    # After two epochs at learning rate 1.0 the moving averages lag.
+    assert worst["stale_layers"] > 0 and "STALE" in worst["table"]
+    summary = (out / "summary.md").read_text()
+    assert worst["table"] in summary
+    assert f"The diagnosis of epoch {worst['epoch']}, the lowest" in summary
+
+
+def test_callbacks_train_the_same_weights(lenet_run):
+    # PreciseBN and use_ema change no weight in training: their runs train
+    # exactly the network without callback, on the same batches;
+    # FreezeStatistics the same until it freezes.
+    _, metrics = lenet_run
+    runs, ema = metrics["callbacks"], metrics["use_ema"]["runs"]
+    free = len(metrics["epochs"]) - metrics["config"]["freeze_last_epochs"]
+    plain = runs[cs.NO_CALLBACK]
+    assert plain[cs.TEST_ACCURACY] == metrics["versions"]["bn_keras"]["test_accuracy"]
+    for run in (runs[cs.PRECISE_BN], *ema.values()):
+        assert run[cs.WEIGHTS_CHECKSUM] == plain[cs.WEIGHTS_CHECKSUM]
+    for run in (cs.FREEZE, cs.PRECISE_FREEZE):
+        weights = runs[run][cs.WEIGHTS_CHECKSUM]
+        assert weights[:free] == plain[cs.WEIGHTS_CHECKSUM][:free]
+        assert weights[free] != plain[cs.WEIGHTS_CHECKSUM][free]
+    # Without PreciseBN the statistics are those of the run without callback.
+    assert ema[cs.EMA_STALE][cs.TEST_ACCURACY] == plain[cs.TEST_ACCURACY]
+    assert ema[cs.EMA_STALE][cs.STATISTICS_CHECKSUM] == plain[cs.STATISTICS_CHECKSUM]
+    assert runs[cs.FREEZE][cs.TEST_ACCURACY][:free] == plain[cs.TEST_ACCURACY][:free]
+    assert (
+        runs[cs.PRECISE_FREEZE][cs.TEST_ACCURACY][:free]
+        == runs[cs.PRECISE_BN][cs.TEST_ACCURACY][:free]
+    )
+    # The averaged weights, swapped in at the end of fit(), are the same in
+    # both use_ema runs and not the last step's.
+    final = {run[cs.FINAL_WEIGHTS_CHECKSUM] for run in ema.values()}
+    assert len(final) == 1 and final != {plain[cs.WEIGHTS_CHECKSUM][-1]}
+
+
+def test_freeze_statistics_fixes_the_last_epochs(lenet_run):
+    _, metrics = lenet_run
+    runs = metrics["callbacks"]
+    free = len(metrics["epochs"]) - metrics["config"]["freeze_last_epochs"]
+    # The statistics of the end of the last free epoch, through the end.
+    for run, frozen in (
+        (cs.FREEZE, runs[cs.NO_CALLBACK]),
+        (cs.PRECISE_FREEZE, runs[cs.PRECISE_BN]),
+    ):
+        statistics = runs[run][cs.STATISTICS_CHECKSUM]
+        assert set(statistics[free - 1 :]) == {
+            frozen[cs.STATISTICS_CHECKSUM][free - 1]
+        }, run
+    # Elsewhere they move with every epoch.
+    for run in (cs.NO_CALLBACK, cs.PRECISE_BN):
+        statistics = runs[run][cs.STATISTICS_CHECKSUM]
+        assert len(set(statistics)) == len(statistics), run
+
+
+def test_precise_bn_is_recomputing_the_statistics(lenet_run):
+    # PreciseBN's last epoch is the trained network with its statistics
+    # recomputed from the study's sample, and with use_ema PreciseBN
+    # recomputes them for the averaged weights after fit() swapped them in.
+    out, metrics = lenet_run
+    config, runs = metrics["config"], metrics["callbacks"]
+    precise = runs[cs.PRECISE_BN]
+    assert len(precise[cs.PRECISE_BN_SECONDS]) == len(metrics["epochs"])
+    assert all(s > 0 for s in precise[cs.PRECISE_BN_SECONDS])
+    data = _smoke_data(config)
+    x_train, y_train = lt.images(data.x_train), data.y_train
+    sample, _ = cs.training_sample(x_train, y_train, config)
+    assert len(sample) == config["precise_bn_batches"] * config["batch_size"]
+    model = keras.saving.load_model(out / "bn_keras.keras")
+    assert (
+        cs.statistics_checksum(model)
+        == runs[cs.NO_CALLBACK][cs.STATISTICS_CHECKSUM][-1]
+    )
+    bn_keras.recompute_statistics(
+        model, sample, batch_size=config["batch_size"], progress=False
+    )
+    accuracy = lt.accuracy(model, lt.images(data.x_test), data.y_test)
+    assert accuracy == precise[cs.TEST_ACCURACY][-1]
+    np.testing.assert_allclose(
+        cs.statistics_checksum(model), precise[cs.STATISTICS_CHECKSUM][-1], rtol=1e-6
+    )
+    ema = metrics["use_ema"]
+    assert (
+        ema["recomputed_test_accuracy"]
+        == ema["runs"][cs.EMA_PRECISE][cs.FINAL_TEST_ACCURACY]
+    )
+    # The per-epoch accuracies are PreciseBN's: the same weights, the
+    # statistics recomputed from the same sample.
+    assert ema["runs"][cs.EMA_PRECISE][cs.TEST_ACCURACY] == precise[cs.TEST_ACCURACY]
+
+
+def test_use_ema_diagnosis_and_summary(lenet_run):
+    out, metrics = lenet_run
+    ema = metrics["use_ema"]
+    diagnosis = ema["diagnosis"]
+    assert set(cs.DIAGNOSIS_FIELDS) <= set(diagnosis)
+    assert diagnosis["stale_layers"] == len(diagnosis["report"]["stale_layers"])
+    assert diagnosis["mean_shift_max"] == max(
+        layer["mean_shift_max"] for layer in diagnosis["report"]["layers"]
+    )
+    for run in cs.EMA_RUNS:
+        assert 0.0 <= ema["runs"][run][cs.FINAL_TEST_ACCURACY] <= 1.0
+    summary = (out / "summary.md").read_text()
+    assert diagnosis["table"] in summary
+    for run in cs.CALLBACK_RUNS:
+        assert f"| {cs.run_label(run, metrics['config'])} |" in summary
+    assert "| averaged (use_ema) | moving averages fit() leaves (stale) |" in summary
+
+
+def test_epoch_batches_depend_on_the_step_alone():
+    x = np.arange(10, dtype=np.float32)[:, None]
+    y = np.arange(10)
+    batches = lt.EpochBatches(x, y, batch_size=4, seed=3)
+    assert batches.steps_per_epoch == 3 and batches.num_batches is None
+    orders = lt.epoch_orders(10, seed=3)
+    expected = [next(orders) for _ in range(2)]
+    # Keras reads the first batches for their shapes, then from the start.
+    first = batches[0]
+    read = [batches[i] for i in range(6)]
+    np.testing.assert_array_equal(first[0], read[0][0])
+    for epoch in range(2):
+        got = np.concatenate([read[3 * epoch + s][1] for s in range(3)])
+        np.testing.assert_array_equal(got, expected[epoch])
+    assert len(read[2][1]) == 2  # the last batch of an epoch is smaller
+    with pytest.raises(IndexError, match="already past"):
+        batches[0]
 
 
 def _reference(x, gamma, beta, mean, var, eps, momentum, training):
@@ -231,8 +396,9 @@ def fashion_folder(tmp_path, monkeypatch):
 
 
 TINY = [
-    "--set", "epochs=1", "--set", "batch_size=32", "--set", "train_examples=0",
-    "--set", "precise_bn_batches=1", "--set", "speed_rounds=1", "--quiet",
+    "--set", "epochs=2", "--set", "batch_size=32", "--set", "train_examples=0",
+    "--set", "precise_bn_batches=1", "--set", "speed_rounds=1",
+    "--set", "diagnosis_batches=1", "--set", "freeze_last_epochs=1", "--quiet",
 ]  # fmt: skip
 
 
@@ -280,6 +446,9 @@ def test_mnist_checksum_names_the_way_out(fashion_folder, tmp_path, capsys):
         ("hidden_units=[10]", "unknown config key 'hidden_units'"),
         ("learning_rate=fast", "must be of type float"),
         ("dataset=fashion_mnist", "is not vendored"),
+        ("freeze_last_epochs=10", "must be less than 'epochs' (10)"),
+        ("ema_momentum=1.0", "'ema_momentum' must be in [0, 1)"),
+        ("diagnosis_batches=0", "'diagnosis_batches' must be positive"),
     ],
 )
 def test_cli_errors(capsys, tmp_path, monkeypatch, override, message):
