@@ -11,7 +11,14 @@ import keras
 import numpy as np
 from keras import ops, tree
 
-from bn_keras.precise import _batches, _measure, _model_inputs, _Pooled, _validated
+from bn_keras.precise import (
+    _batches,
+    _frozen,
+    _measure,
+    _model_inputs,
+    _Pooled,
+    _validated,
+)
 from bn_keras.validation import to_float
 
 # A layer is stale past either threshold. Both are several times the
@@ -57,7 +64,8 @@ class LayerStatistics:
         name: The layer's name.
         type: The layer's class name.
         shape: The shape of its `moving_mean` and `moving_variance`.
-        frozen: Whether the layer is frozen (`trainable=False`).
+        frozen: Whether the layer is frozen (`trainable=False`, or the
+            `"frozen"` statistics mode).
         entries: The number of entries, the product of `shape`.
         mean_shift_max: The largest shift (worst entry).
         mean_shift_median: The median shift (typical entry).
@@ -366,14 +374,17 @@ def inspect_statistics(
     statistics are those of training, and part of the output gap is
     theirs; the report lists them in `training_mode_layers`.
 
-    Frozen BN layers (`trainable=False`), the ones most likely to be stale,
-    are inspected too: for the run they are made trainable (and restored),
-    so they normalize with their batch statistics as the others do, and
-    every layer's data statistics are those it would see if all the
-    population statistics before it were exact. `recompute_statistics`
-    instead skips frozen layers and computes the layers after them from
-    their inference-mode output: after it, a layer behind a stale frozen
-    layer can still look stale here. Fix the frozen layer first.
+    Frozen BN layers (`trainable=False`, or the `"frozen"` statistics
+    mode), the ones most likely to be stale, are inspected too: for the run
+    they are unfrozen (and restored after it), so they normalize with their
+    batch statistics as the others do, and every layer's data statistics are
+    those it would see if all the population statistics before it were
+    exact. `recompute_statistics` instead skips frozen layers and computes
+    the layers after them from their inference-mode output: after it, a
+    layer behind a stale frozen layer can still look stale here. Fix the
+    frozen layer first. A layer in the `"batch"` statistics mode is
+    inspected as the others; the model does not use its population
+    statistics, and its inference-mode outputs use the batch statistics.
 
     Nothing changes: the model runs statelessly (compiled, as a train step),
     and its weights, population statistics, counters, optimizer and the
@@ -497,7 +508,7 @@ def _layer_statistics(layer, total, max_shift, max_variance_factor):
         name=layer.name,
         type=type(layer).__name__,
         shape=tuple(int(size) for size in moving_mean.shape),
-        frozen=not layer.trainable,
+        frozen=_frozen(layer),
         entries=int(moving_mean.size),
         mean_shift_max=shift_max,
         mean_shift_median=summary(shift, np.median),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections.abc
+import contextlib
 import itertools
 import warnings
 from typing import Any
@@ -70,10 +71,13 @@ def recompute_statistics(
     so trainable weights, other non-trainable weights (counters, renorm
     statistics) and the optimizer are untouched.
 
-    A frozen BN layer (`trainable=False`) normalizes with its population
-    statistics in training mode too, as in `model.fit`: it is skipped, with a
-    warning naming it, keeps its statistics, and the layers after it are
-    recomputed from its inference-mode output.
+    A frozen BN layer (`trainable=False`, or a `bn_keras` layer in the
+    `"frozen"` statistics mode) normalizes with its population statistics in
+    training mode too, as in `model.fit`: it is skipped, with a warning
+    naming it, keeps its statistics, and the layers after it are recomputed
+    from its inference-mode output. A layer in the `"batch"` statistics mode
+    normalizes with the batch statistics in training, as in the `"update"`
+    mode, and gets its (unused) population statistics recomputed too.
 
     `data` is read as `model.predict` reads its `x`:
 
@@ -117,19 +121,28 @@ def recompute_statistics(
           "Rethinking 'Batch' in BatchNorm", Section 3.
     """
     batch_size, steps, layers = _validated(model, batch_size, steps, "recompute")
-    frozen = [layer.name for layer in layers if not layer.trainable]
-    layers = [layer for layer in layers if layer.trainable]
+    untrainable = [layer.name for layer in layers if not layer.trainable]
+    fixed = [layer.name for layer in layers if layer.trainable and _frozen(layer)]
+    layers = [layer for layer in layers if not _frozen(layer)]
     if not layers:
         raise ValueError(
             f"Every batch-normalization layer of model {model.name!r} is frozen "
-            "(`trainable=False`): frozen layers keep their statistics, so there "
-            f"is nothing to recompute. Frozen layers: {frozen}"
+            '(`trainable=False`) or in the "frozen" statistics mode: frozen '
+            "layers keep their statistics, so there is nothing to recompute. "
+            f"Frozen layers: {untrainable + fixed}"
         )
-    if frozen:
+    if untrainable:
         warnings.warn(
-            f"Precise BN skips the frozen (`trainable=False`) layers {frozen}: "
+            f"Precise BN skips the frozen (`trainable=False`) layers {untrainable}: "
             "they normalize with their population statistics in training too, "
             "and keep them.",
+            stacklevel=2,
+        )
+    if fixed:
+        warnings.warn(
+            f'Precise BN skips the layers {fixed} in the "frozen" statistics '
+            "mode: they normalize with their population statistics in training "
+            "too, and keep them.",
             stacklevel=2,
         )
     source, total_steps = _batches(data, batch_size, _model_inputs(model))
@@ -203,11 +216,12 @@ def _measure(
     The model runs statelessly in training mode (compiled) on each `(x, y)`
     batch of `source` (from `_batches`), at most `steps` of them; each layer
     of `layers` normalizes with its batch statistics, whose moments are
-    collected. A frozen layer of `layers` would use its population statistics
-    instead and give none: `unfreeze=True` makes it trainable for the run.
-    `on_batch(x, y, outputs, inference_outputs)`, if given, gets each batch
-    with the model's outputs of that run and of an inference-mode run with
-    the real population statistics.
+    collected. A frozen layer of `layers` (`trainable=False`, or the
+    `"frozen"` statistics mode) would use its population statistics instead
+    and give none: `unfreeze=True` runs it as an unfrozen one. `on_batch(x,
+    y, outputs, inference_outputs)`, if given, gets each batch with the
+    model's outputs of that run and of an inference-mode run of the model as
+    it is, with its population statistics.
 
     Nothing changes: the variables are only read, and the layers' attributes
     (momentum, `trainable`, ...) are restored, also on an error. A batch with
@@ -220,24 +234,26 @@ def _measure(
     if steps is not None:
         batches = itertools.islice(source, steps)
         total_steps = steps if total_steps is None else min(steps, total_steps)
-    restores = []
     try:
-        # Before the variables are listed: unfreezing moves gamma and beta
-        # among the model's trainable variables.
-        restores.extend(_capture_batch_statistics(layer, unfreeze) for layer in layers)
-        position = {id(v): i for i, v in enumerate(model.non_trainable_variables)}
+        # The attributes are switched around each training-mode call only:
+        # the inference-mode call runs the model as it is. The variables are
+        # listed in both states (unfreezing moves gamma and beta among the
+        # trainable ones).
+        holders = _holders(model, layers) if unfreeze else []
+        with _writing_batch_statistics(layers, unfreeze, holders):
+            trainable = [v.value for v in model.trainable_variables]
+            variables = model.non_trainable_variables
+        position = {id(v): i for i, v in enumerate(variables)}
         slots = [
             (position[id(layer.moving_mean)], position[id(layer.moving_variance)])
             for layer in layers
         ]
-        trainable = [v.value for v in model.trainable_variables]
-        non_trainable = [v.value for v in model.non_trainable_variables]
         # Stand-ins for the old statistics, which the run replaces: our layers
         # replace outright and leave what a batch does not reach (a masked
         # feature, a timestep beyond the batch's sequences) as it was, so NaN
         # marks it as not reached. Keras' layer blends with weight 0, and
         # 0 * NaN is NaN: finite values for it.
-        stand_ins = list(non_trainable)
+        stand_ins = [v.value for v in variables]
         for layer, (mean_at, variance_at) in zip(layers, slots, strict=True):
             mean, variance = stand_ins[mean_at], stand_ins[variance_at]
             if isinstance(layer, BatchNorm):
@@ -248,7 +264,12 @@ def _measure(
                 stand_ins[variance_at] = ops.ones_like(variance)
         totals = [_Pooled() for _ in layers]
         run = _compiled_call(model, slots, training=True)
-        infer = None if on_batch is None else _compiled_call(model, [], training=False)
+        if on_batch is not None:
+            infer = _compiled_call(model, [], training=False)
+            state = (
+                [v.value for v in model.trainable_variables],
+                [v.value for v in model.non_trainable_variables],
+            )
         for step, (x, y) in enumerate(
             tqdm(batches, total=total_steps, disable=not progress, desc=desc)
         ):
@@ -256,20 +277,19 @@ def _measure(
                 raise ValueError(
                     f"Batch {step} of `data` holds a NaN or inf; nothing was changed."
                 )
-            outputs, statistics = run(trainable, stand_ins, x)
+            with _writing_batch_statistics(layers, unfreeze, holders):
+                outputs, statistics = run(trainable, stand_ins, x)
             examples = int(ops.shape(tree.flatten(x)[0])[0])
             for total, (mean, variance) in zip(totals, statistics, strict=True):
                 total.add(
                     examples, ops.convert_to_numpy(mean), ops.convert_to_numpy(variance)
                 )
             if on_batch is not None:
-                on_batch(x, y, outputs, infer(trainable, non_trainable, x)[0])
+                on_batch(x, y, outputs, infer(*state, x)[0])
     finally:
         # Ends the data's epoch now (a PyDataset's workers), not when
         # garbage-collected.
         source.close()
-        for restore in reversed(restores):
-            restore()
     if totals[0].batches == 0:
         raise ValueError("`data` yielded no batch; nothing was changed.")
     return totals
@@ -309,38 +329,64 @@ def _compiled_call(model, slots, training):
     return run
 
 
-def _capture_batch_statistics(layer, unfreeze):
-    """Makes `layer`'s training-mode update write the batch statistics.
+@contextlib.contextmanager
+def _writing_batch_statistics(layers, unfreeze, holders):
+    """A context in which `layers` write their batch statistics in training.
 
-    With momentum 0 the moving statistics become exactly this batch's mean and
-    variance. With `unfreeze`, a frozen layer is made trainable, so that it
-    normalizes with, and writes, them too. Returns a function that restores
-    the layer's attributes.
+    With momentum 0 (and no debiasing, the biased variance) a layer's
+    training-mode update makes its moving statistics exactly this batch's
+    mean and variance. A layer in the `"batch"` statistics mode, which
+    normalizes with them but never writes them, is put in the `"update"`
+    mode. With `unfreeze`, a frozen layer is too (`"frozen"` mode), and the
+    `holders` (`_holders`: the layers and those that hold them, a frozen
+    submodel, or a `BatchNormLSTM`, which decides for its normalizations)
+    are made trainable. Only each object's own flag is set, not its
+    sublayers' nor its variables' (as Keras' `trainable` setter would).
+    Everything is restored on exit.
     """
-    names = ["momentum"]
-    if isinstance(layer, BatchNorm):
-        names += ["debias", "unbiased_variance"]
-    saved = {name: getattr(layer, name) for name in names}
-    frozen = unfreeze and not layer.trainable
-    # Keras' setter sets the flag of the layer's variables too: each is
-    # restored as it was.
-    flags = [(v, v.trainable) for v in layer.variables] if frozen else []
-    layer.momentum = 0.0
-    if isinstance(layer, BatchNorm):
-        layer.debias = False
-        layer.unbiased_variance = False
-    if frozen:
-        layer.trainable = True
+    saved = []
 
-    def restore():
-        if frozen:
-            layer.trainable = False
-            for variable, flag in flags:
-                variable.trainable = flag
-        for name, value in saved.items():
-            setattr(layer, name, value)
+    def switch(obj, name, value):
+        saved.append((obj, name, getattr(obj, name)))
+        setattr(obj, name, value)
 
-    return restore
+    try:
+        for layer in layers:
+            switch(layer, "momentum", 0.0)
+            if isinstance(layer, BatchNorm):
+                switch(layer, "debias", False)
+                switch(layer, "unbiased_variance", False)
+                # The mode's private attribute: its setter warns about
+                # compiled functions, which do not apply to this run.
+                if layer.statistics == "batch" or (
+                    unfreeze and layer.statistics == "frozen"
+                ):
+                    switch(layer, "_statistics", "update")
+        for holder in holders:
+            if not holder.trainable:
+                switch(holder, "_trainable", True)
+        yield
+    finally:
+        for obj, name, value in reversed(saved):
+            setattr(obj, name, value)
+
+
+def _holders(model, layers):
+    """`layers`, and every layer of `model` (itself included) that holds one."""
+    wanted = {id(layer) for layer in layers}
+    holders = list(layers)
+    for layer in model._flatten_layers(include_self=True, recursive=True):
+        if id(layer) not in wanted and any(
+            id(inner) in wanted
+            for inner in layer._flatten_layers(include_self=False, recursive=True)
+        ):
+            holders.append(layer)
+    return holders
+
+
+def _frozen(layer):
+    """Whether `layer` normalizes with its population statistics in training."""
+    return not layer.trainable or getattr(layer, "statistics", "update") == "frozen"
 
 
 def _all_finite(x):

@@ -12,7 +12,12 @@ import keras
 import numpy as np
 import pytest
 
-from bn_keras import BatchNorm, TimestepBatchNorm, recompute_statistics
+from bn_keras import (
+    BatchNorm,
+    BatchNormLSTM,
+    TimestepBatchNorm,
+    recompute_statistics,
+)
 from bn_keras.diagnosis import StatisticsReport, inspect_statistics
 from tests import reference
 from tests.bn_keras.helpers import EPSILON, as64, tensorflow_only
@@ -90,6 +95,7 @@ def _state(model):
             getattr(layer, "momentum", None),
             getattr(layer, "debias", None),
             getattr(layer, "unbiased_variance", None),
+            getattr(layer, "statistics", None),
             tuple(v.trainable for v in layer.weights),
         )
         for layer in model._flatten_layers(include_self=True, recursive=True)
@@ -331,6 +337,95 @@ def test_timesteps_the_data_never_reach(rng):
     np.testing.assert_allclose(layer.mean_shift_median, np.median(shift), **TOLERANCE)
     np.testing.assert_allclose(layer.variance_factor_max, factor.max(), **TOLERANCE)
     assert "6/18" in str(report)
+
+
+def test_statistics_modes(rng):
+    """A layer in the "frozen" mode is measured like a frozen one; one in the
+    "batch" mode normalizes with the batch statistics in the inference run,
+    as the model does."""
+    model = keras.Sequential(
+        [
+            keras.Input((FEATURES,)),
+            BatchNorm(statistics="frozen", name="first"),
+            keras.layers.Dense(UNITS, name="dense"),
+            BatchNorm(statistics="batch", name="bn"),
+        ]
+    )
+    first, bn = model.get_layer("first"), model.get_layer("bn")
+    first.moving_mean.assign(rng.normal(2.0, 1.0, FEATURES).astype("float32"))
+    first.moving_variance.assign(rng.uniform(1.0, 9.0, FEATURES).astype("float32"))
+    x = _inputs(rng)
+    before = _state(model)
+
+    report = inspect_statistics(model, x, batch_size=BATCH, progress=False)
+
+    _assert_same_state(before, _state(model))
+    assert (first.statistics, bn.statistics) == ("frozen", "batch")
+    assert [layer.frozen for layer in report.layers] == [True, False]
+    x64 = x.astype("float64")
+    population = (as64(first.moving_mean), as64(first.moving_variance))
+    shift, _, factor = _compared(*population, x64.mean(0), x64.var(0))
+    np.testing.assert_allclose(
+        report.layers[0].mean_shift_max, shift.max(), **TOLERANCE
+    )
+    np.testing.assert_allclose(
+        report.layers[0].variance_factor_max, factor.max(), **TOLERANCE
+    )
+    # The second layer sees the first one's batch-normalized output.
+    gamma, beta = as64(first.gamma), as64(first.beta)
+    normalized = np.concatenate(
+        [
+            reference.train_transform(x64[i : i + BATCH], gamma, beta, EPSILON, -1)[0]
+            for i in range(0, EXAMPLES, BATCH)
+        ]
+    )
+    h = _bn_input(model, normalized)
+    shift, _, _ = _compared(
+        as64(bn.moving_mean), as64(bn.moving_variance), *(h.mean(0), h.var(0))
+    )
+    np.testing.assert_allclose(
+        report.layers[1].mean_shift_max, shift.max(), **TOLERANCE
+    )
+    # Inference: the first layer with its population statistics, the second
+    # with the batch's.
+    inference = _batch_outputs(
+        model,
+        _bn_input(
+            model, reference.normalize(x64, *population, gamma, beta, EPSILON, -1)
+        ),
+    )
+    batch = _batch_outputs(model, h)
+    np.testing.assert_allclose(
+        report.output_gap, np.abs(inference - batch).mean() / batch.std(), rtol=1e-4
+    )
+
+
+def test_a_frozen_batch_norm_lstm(rng):
+    """The LSTM decides for its normalizations: it runs its training
+    recurrence for the inspection, and stays frozen."""
+    inputs = keras.Input((4, 2))
+    lstm = BatchNormLSTM(3, max_timesteps=6, name="lstm")
+    model = keras.Model(inputs, lstm(inputs))
+    lstm.trainable = False
+    x = rng.normal(1.0, 2.0, (EXAMPLES, 4, 2)).astype("float32")
+    before = _state(model)
+
+    report = inspect_statistics(model, x, batch_size=BATCH, progress=False)
+
+    _assert_same_state(before, _state(model))
+    layers = {layer.name: layer for layer in report.layers}
+    norms = (lstm.input_norm, lstm.recurrent_norm, lstm.cell_norm)
+    assert all(layers[norm.name].frozen for norm in norms)
+    assert [layers[norm.name].unreached for norm in norms] == [24, 24, 6]
+    assert all(layer.mean_shift_max is not None for layer in report.layers)
+    # The input normalization's input: x @ kernel, per timestep.
+    gates = x.astype("float64") @ as64(lstm.kernel)
+    shift, _, factor = _compared(
+        np.zeros((4, 12)), np.ones((4, 12)), gates.mean(0), gates.var(0)
+    )
+    measured = layers[lstm.input_norm.name]
+    np.testing.assert_allclose(measured.mean_shift_max, shift.max(), **TOLERANCE)
+    np.testing.assert_allclose(measured.variance_factor_max, factor.max(), **TOLERANCE)
 
 
 @pytest.mark.parametrize("labels", ["array y", "one-hot y", "(x, y) batches"])
