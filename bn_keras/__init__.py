@@ -7,6 +7,7 @@ before loading a `.keras` file that holds the layer.
 from bn_keras import callbacks
 from bn_keras.batch_norm import BatchNorm
 from bn_keras.convert import convert_batch_norms
+from bn_keras.diagnosis import LayerStatistics, StatisticsReport, inspect_statistics
 from bn_keras.fold import fold_batch_norms
 from bn_keras.lstm import BatchNormLSTM
 from bn_keras.modes import set_statistics, statistics_mode
@@ -16,12 +17,15 @@ from bn_keras.timestep import TimestepBatchNorm
 __all__ = [
     "BatchNorm",
     "BatchNormLSTM",
+    "LayerStatistics",
+    "StatisticsReport",
     "TimestepBatchNorm",
     "__version__",
+    "batch_norm_layers",
     "callbacks",
     "convert_batch_norms",
-    "batch_norm_layers",
     "fold_batch_norms",
+    "inspect_statistics",
     "recompute_statistics",
     "set_statistics",
     "statistics_mode",

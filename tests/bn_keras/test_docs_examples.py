@@ -5,16 +5,19 @@ paste them; the blocks assert what the page says they show.
 """
 
 import re
+import textwrap
 from pathlib import Path
 
 import pytest
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
-PAGES = ["steering.md"]
+PAGES = ["steering.md", "debugging.md"]
 
 
 def python_blocks(page):
-    return re.findall(r"```python\n(.*?)```", (DOCS / page).read_text(), re.S)
+    # A block inside a list item is indented as the item's text.
+    blocks = re.findall(r"```python\n(.*?)```", (DOCS / page).read_text(), re.S)
+    return [textwrap.dedent(block) for block in blocks]
 
 
 @pytest.mark.parametrize("page", PAGES)
