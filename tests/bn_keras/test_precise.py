@@ -171,3 +171,28 @@ def test_statistics_the_data_never_reach_keep_their_values(rng):
     np.testing.assert_allclose(variance[:4], x[:, :4].var(axis=(0, 2)), rtol=1e-4)
     np.testing.assert_array_equal(mean[4:], old_mean[4:])
     np.testing.assert_array_equal(variance[4:], np.ones(2))
+
+
+@pytest.mark.parametrize("mode", ["frozen", "batch"])
+def test_statistics_modes_frozen_layers_are_kept_batch_layers_measured(mode, rng):
+    model = _model(lambda: BatchNorm(momentum=0.9))
+    first, second = batch_norm_layers(model)
+    bn_keras.set_statistics(model, "update")
+    first._statistics = mode
+    old_mean = _np(first.moving_mean).copy()
+    first.moving_mean.assign(old_mean + 5.0)
+    x = rng.normal(3.0, 2.0, size=(120, 6)).astype("float32")
+
+    if mode == "frozen":
+        with pytest.warns(UserWarning, match="frozen"):
+            result = recompute_statistics(model, x, batch_size=20, progress=False)
+        assert first.name not in result
+        np.testing.assert_array_equal(_np(first.moving_mean), old_mean + 5.0)
+    else:
+        result = recompute_statistics(model, x, batch_size=20, progress=False)
+        h1 = _dense(model, "dense_1", x.astype("float64"))
+        np.testing.assert_allclose(
+            _np(first.moving_mean), h1.mean(0), rtol=1e-5, atol=1e-5
+        )
+    assert first.statistics == mode  # the mode is restored
+    assert second.name in result
