@@ -10,8 +10,9 @@ weights and mini-batches (`train.fit_epochs`):
 - Callbacks: `Study.run` trains the network again from the same weights with
   `bn_keras.callbacks.PreciseBN` (on the whole sample, every epoch), with
   `bn_keras.callbacks.FreezeStatistics(last_epochs=freeze_last_epochs)`, and
-  with both, and tests it at the end of each epoch with the population
-  statistics it then has, as `model.evaluate` would.
+  with both at a decayed learning rate for those last epochs (with PreciseBN
+  and the decay alone to compare), and tests it at the end of each epoch
+  with the population statistics it then has, as `model.evaluate` would.
 - use_ema: it trains it with `SGD(use_ema=True)`, without and with
   `PreciseBN`. Keras swaps the averaged weights in at the end of `fit()`,
   after the moving averages of the statistics were last updated (for the
@@ -19,8 +20,8 @@ weights and mini-batches (`train.fit_epochs`):
 
 A callback that does not touch training leaves the weights as they are: the
 `PreciseBN` and `use_ema` runs train exactly the weights of the run without
-callback (their checksums are recorded per epoch), the `FreezeStatistics`
-runs the same until they freeze.
+callback (their checksums are recorded per epoch), the others the same until
+they freeze or decay.
 """
 
 from __future__ import annotations
@@ -39,25 +40,34 @@ from experiments.lenet_bn import models as lm
 from experiments.lenet_bn import train as lt
 
 # The runs of the callbacks comparison, as the metrics file names them: the
-# bn_keras network of the main run (no callback), each callback, and both
-# (Wu & Johnson's FrozenBN freezes precise statistics: PreciseBN recomputes
-# them at the end of the last epoch before the freeze, then skips the frozen
-# layers).
+# bn_keras network of the main run (no callback), each callback at the
+# training's learning rate, and Wu & Johnson's FrozenBN recipe: the last
+# epochs at a decayed learning rate (`decay_learning_rate`), the statistics
+# recomputed by PreciseBN at the end of the last epoch before the freeze
+# (PreciseBN then skips the frozen layers), against the same decay without
+# the freeze.
 NO_CALLBACK = "none"
 PRECISE_BN = "precise_bn"
 FREEZE = "freeze_statistics"
-PRECISE_FREEZE = "precise_bn_freeze_statistics"
-CALLBACK_RUNS = (NO_CALLBACK, PRECISE_BN, FREEZE, PRECISE_FREEZE)
+PRECISE_DECAY = "precise_bn_decay"
+PRECISE_FREEZE_DECAY = "precise_bn_freeze_statistics_decay"
+CALLBACK_RUNS = (NO_CALLBACK, PRECISE_BN, FREEZE, PRECISE_DECAY, PRECISE_FREEZE_DECAY)
+# The runs whose last `freeze_last_epochs` epochs train at the decayed rate,
+# and those whose statistics are frozen then.
+DECAYED_RUNS = (PRECISE_DECAY, PRECISE_FREEZE_DECAY)
+FROZEN_RUNS = (FREEZE, PRECISE_FREEZE_DECAY)
 
 # The two use_ema runs: the statistics fit() leaves, and PreciseBN's.
 EMA_STALE = "stale"
 EMA_PRECISE = "precise_bn"
 EMA_RUNS = (EMA_STALE, EMA_PRECISE)
 
-# What each run records per epoch: the test accuracy with the population
-# statistics the network then has, and checksums (float64 sums) of its
-# trainable weights and of its moving means and variances. PreciseBN's runs
-# also record the seconds it took (its logs' entry).
+# What each run records per epoch: the training loss (averaged over the
+# epoch), the test accuracy with the population statistics the network then
+# has, and checksums (float64 sums) of its trainable weights and of its
+# moving means and variances. PreciseBN's runs also record the seconds it
+# took (its logs' entry).
+TRAIN_LOSS = "train_loss"
 TEST_ACCURACY = "test_accuracy"
 WEIGHTS_CHECKSUM = "weights_checksum"
 STATISTICS_CHECKSUM = "statistics_checksum"
@@ -83,12 +93,15 @@ DIAGNOSIS_FIELDS = {
 
 def run_label(run: str, config: dict) -> str:
     """How the summary and the figure name one of `CALLBACK_RUNS`."""
-    freeze = f"FreezeStatistics(last_epochs={config['freeze_last_epochs']})"
+    last = config["freeze_last_epochs"]
+    freeze = f"FreezeStatistics(last_epochs={last})"
+    decay = f"last {last} epochs at learning rate {config['decay_learning_rate']}"
     return {
         NO_CALLBACK: "no callback (moving averages)",
         PRECISE_BN: "PreciseBN, every epoch",
         FREEZE: freeze,
-        PRECISE_FREEZE: f"PreciseBN + {freeze}",
+        PRECISE_DECAY: f"PreciseBN, {decay}",
+        PRECISE_FREEZE_DECAY: f"PreciseBN + {freeze}, {decay}",
     }[run]
 
 
@@ -146,13 +159,20 @@ class _EpochRecorder(keras.callbacks.Callback):
         self.x_test, self.y_test = x_test, y_test
         self.bar, self.on_epoch = bar, on_epoch
         self.records = {
-            key: [] for key in (TEST_ACCURACY, WEIGHTS_CHECKSUM, STATISTICS_CHECKSUM)
+            key: []
+            for key in (
+                TRAIN_LOSS,
+                TEST_ACCURACY,
+                WEIGHTS_CHECKSUM,
+                STATISTICS_CHECKSUM,
+            )
         }
 
     def on_train_batch_end(self, batch, logs=None):
         self.bar.update(1)
 
     def on_epoch_end(self, epoch, logs=None):
+        self.records[TRAIN_LOSS].append(finite_or_none(logs["loss"]))
         self.records[TEST_ACCURACY].append(
             lt.accuracy(self.model, self.x_test, self.y_test)
         )
@@ -244,11 +264,22 @@ class Study:
                 config["freeze_last_epochs"], verbose=0
             )
 
+        def decay():
+            first = config["epochs"] - config["freeze_last_epochs"]
+            return keras.callbacks.LearningRateScheduler(
+                lambda epoch, rate: (
+                    config["decay_learning_rate"]
+                    if epoch >= first
+                    else config["learning_rate"]
+                )
+            )
+
         ema = {"use_ema": True, "ema_momentum": config["ema_momentum"]}
         plan = {  # name: (its callbacks, its optimizer's options)
             PRECISE_BN: ([precise()], {}),
             FREEZE: ([freeze()], {}),
-            PRECISE_FREEZE: ([precise(), freeze()], {}),
+            PRECISE_DECAY: ([precise(), decay()], {}),
+            PRECISE_FREEZE_DECAY: ([precise(), freeze(), decay()], {}),
             f"ema_{EMA_STALE}": ([], ema),
             f"ema_{EMA_PRECISE}": ([precise()], ema),
         }
@@ -286,6 +317,7 @@ class Study:
                 trained[name] = (model, recorder.records)
         callbacks = {
             NO_CALLBACK: {
+                TRAIN_LOSS: [finite_or_none(r["train_loss"]) for r in records],
                 TEST_ACCURACY: test_accuracy,
                 WEIGHTS_CHECKSUM: [o[WEIGHTS_CHECKSUM] for o in observed],
                 STATISTICS_CHECKSUM: [o[STATISTICS_CHECKSUM] for o in observed],

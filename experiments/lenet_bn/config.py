@@ -35,9 +35,13 @@ DEFAULTS = {
     # bn_keras.inspect_statistics at each epoch's end reads this many batches
     # of that sample (all of it if fewer): a few, to keep its cost small.
     "diagnosis_batches": 8,
-    # The callbacks study's FreezeStatistics run freezes the statistics for
+    # The callbacks study's FreezeStatistics runs freeze the statistics for
     # the last epochs; fewer than `epochs`, so that some epoch measured them.
     "freeze_last_epochs": 3,
+    # Its decayed runs train those last epochs at this learning rate: frozen
+    # statistics take away what lets BN train at 1.0 (plain LeNet does not
+    # learn at 1.0), so FrozenBN needs the decay Wu & Johnson freeze after.
+    "decay_learning_rate": 0.01,
     # The use_ema runs: SGD(use_ema=True), Keras' default ema_momentum.
     "ema_momentum": 0.99,
     # Passes over the test set timed for the folded and unfolded networks.
@@ -55,6 +59,7 @@ def validate(config):
         "speed_rounds",
         "diagnosis_batches",
         "freeze_last_epochs",
+        "decay_learning_rate",
     )
     check_batch_norm(config, debiased=True)
     if config["freeze_last_epochs"] >= config["epochs"]:

@@ -152,17 +152,20 @@ def _study_summary(metrics):
         "",
         "Test accuracy per epoch of the bn_keras network with callbacks, from "
         "the same weights on the same batches (population statistics, as "
-        "model.evaluate gives it):",
+        f"model.evaluate gives it; learning rate {config['learning_rate']} "
+        "but where a decay is named), and the training loss of the last epoch:",
         "",
-        "| callback | " + " | ".join(str(e) for e in epochs) + " |",
-        "|---|" + "---|" * len(epochs),
+        "| callback | "
+        + " | ".join(str(e) for e in epochs)
+        + " | train loss (last epoch) |",
+        "|---|" + "---|" * (len(epochs) + 1),
     ]
     runs = metrics["callbacks"]
     for run in cs.CALLBACK_RUNS:
         lines.append(
             f"| {cs.run_label(run, config)} | "
             + " | ".join(f"{a:.3f}" for a in runs[run][cs.TEST_ACCURACY])
-            + " |"
+            + f" | {_number(runs[run][cs.TRAIN_LOSS][-1], '.3f')} |"
         )
     seconds = sorted(runs[cs.PRECISE_BN][cs.PRECISE_BN_SECONDS])
     train = sorted(metrics["versions"]["bn_keras"]["train_seconds"])

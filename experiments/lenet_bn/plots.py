@@ -77,18 +77,21 @@ def _callbacks(metrics):
     frozen_from = epochs[-1] - config["freeze_last_epochs"] + 0.5
     runs_ax.axvspan(frozen_from, epochs[-1] + 0.5, color="0.9", zorder=0)
     for run in cs.CALLBACK_RUNS:
+        accuracy = metrics["callbacks"][run][cs.TEST_ACCURACY]
         runs_ax.plot(
             epochs,
-            metrics["callbacks"][run][cs.TEST_ACCURACY],
+            [1.0 - a for a in accuracy],
             marker="o",
             ms=3,
+            ls="--" if run in cs.FROZEN_RUNS else "-",
             label=cs.run_label(run, config),
         )
-    runs_ax.set_xlabel("epoch (shaded: statistics frozen)")
-    runs_ax.set_ylabel("test accuracy")
-    runs_ax.set_title("test accuracy with callbacks")
-    runs_ax.grid(alpha=0.3)
-    runs_ax.legend(fontsize=8)
+    runs_ax.set_yscale("log")
+    runs_ax.set_xlabel("epoch (shaded: frozen or decayed)")
+    runs_ax.set_ylabel("test error (1 - accuracy)")
+    runs_ax.set_title("test error with callbacks")
+    runs_ax.grid(alpha=0.3, which="both")
+    runs_ax.legend(fontsize=7)
 
     diagnosis = metrics["diagnosis"]
     for field, style in (

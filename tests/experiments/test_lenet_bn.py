@@ -145,27 +145,33 @@ def test_diagnosis_of_each_epoch(lenet_run):
 
 def test_callbacks_train_the_same_weights(lenet_run):
     # PreciseBN and use_ema change no weight in training: their runs train
-    # exactly the network without callback, on the same batches;
-    # FreezeStatistics the same until it freezes.
+    # exactly the network without callback, on the same batches; the runs
+    # that freeze or decay the same until they do.
     _, metrics = lenet_run
     runs, ema = metrics["callbacks"], metrics["use_ema"]["runs"]
     free = len(metrics["epochs"]) - metrics["config"]["freeze_last_epochs"]
-    plain = runs[cs.NO_CALLBACK]
+    plain, precise = runs[cs.NO_CALLBACK], runs[cs.PRECISE_BN]
     assert plain[cs.TEST_ACCURACY] == metrics["versions"]["bn_keras"]["test_accuracy"]
-    for run in (runs[cs.PRECISE_BN], *ema.values()):
+    assert plain[cs.TRAIN_LOSS] == metrics["versions"]["bn_keras"]["train_loss"]
+    for run in (precise, *ema.values()):
         assert run[cs.WEIGHTS_CHECKSUM] == plain[cs.WEIGHTS_CHECKSUM]
-    for run in (cs.FREEZE, cs.PRECISE_FREEZE):
+        assert run[cs.TRAIN_LOSS] == plain[cs.TRAIN_LOSS]
+    changed = {}
+    for run in (*cs.FROZEN_RUNS, *cs.DECAYED_RUNS):
         weights = runs[run][cs.WEIGHTS_CHECKSUM]
-        assert weights[:free] == plain[cs.WEIGHTS_CHECKSUM][:free]
-        assert weights[free] != plain[cs.WEIGHTS_CHECKSUM][free]
-    # Without PreciseBN the statistics are those of the run without callback.
+        assert weights[:free] == plain[cs.WEIGHTS_CHECKSUM][:free], run
+        changed[run] = weights[free]
+    assert plain[cs.WEIGHTS_CHECKSUM][free] not in changed.values()
+    assert len(set(changed.values())) == len(changed)  # the freeze, the decay
+    # Until then the statistics are those of the run without callback, or
+    # PreciseBN's.
     assert ema[cs.EMA_STALE][cs.TEST_ACCURACY] == plain[cs.TEST_ACCURACY]
     assert ema[cs.EMA_STALE][cs.STATISTICS_CHECKSUM] == plain[cs.STATISTICS_CHECKSUM]
     assert runs[cs.FREEZE][cs.TEST_ACCURACY][:free] == plain[cs.TEST_ACCURACY][:free]
-    assert (
-        runs[cs.PRECISE_FREEZE][cs.TEST_ACCURACY][:free]
-        == runs[cs.PRECISE_BN][cs.TEST_ACCURACY][:free]
-    )
+    for run in cs.DECAYED_RUNS:
+        assert runs[run][cs.TEST_ACCURACY][:free] == precise[cs.TEST_ACCURACY][:free], (
+            run
+        )
     # The averaged weights, swapped in at the end of fit(), are the same in
     # both use_ema runs and not the last step's.
     final = {run[cs.FINAL_WEIGHTS_CHECKSUM] for run in ema.values()}
@@ -176,17 +182,18 @@ def test_freeze_statistics_fixes_the_last_epochs(lenet_run):
     _, metrics = lenet_run
     runs = metrics["callbacks"]
     free = len(metrics["epochs"]) - metrics["config"]["freeze_last_epochs"]
-    # The statistics of the end of the last free epoch, through the end.
-    for run, frozen in (
+    # The statistics of the end of the last free epoch, through the end:
+    # the moving averages, or PreciseBN's.
+    for run, before in (
         (cs.FREEZE, runs[cs.NO_CALLBACK]),
-        (cs.PRECISE_FREEZE, runs[cs.PRECISE_BN]),
+        (cs.PRECISE_FREEZE_DECAY, runs[cs.PRECISE_BN]),
     ):
         statistics = runs[run][cs.STATISTICS_CHECKSUM]
         assert set(statistics[free - 1 :]) == {
-            frozen[cs.STATISTICS_CHECKSUM][free - 1]
+            before[cs.STATISTICS_CHECKSUM][free - 1]
         }, run
     # Elsewhere they move with every epoch.
-    for run in (cs.NO_CALLBACK, cs.PRECISE_BN):
+    for run in (cs.NO_CALLBACK, cs.PRECISE_BN, cs.PRECISE_DECAY):
         statistics = runs[run][cs.STATISTICS_CHECKSUM]
         assert len(set(statistics)) == len(statistics), run
 
