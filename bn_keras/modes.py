@@ -33,7 +33,8 @@ def set_statistics(model: keras.Model, mode: str) -> dict[str, str]:
     functions.
 
     Args:
-        model: A Keras model (or layer) holding `bn_keras` BN layers.
+        model: A Keras model or layer holding `bn_keras` BN layers, or one
+            such layer itself.
         mode: `"update"`, `"frozen"` or `"batch"`.
 
     Returns:
@@ -64,7 +65,8 @@ def statistics_mode(model: keras.Model, mode: str) -> Iterator[keras.Model]:
     and the compiled functions are rebuilt again.
 
     Args:
-        model: A Keras model (or layer) holding `bn_keras` BN layers.
+        model: A Keras model or layer holding `bn_keras` BN layers, or one
+            such layer itself.
         mode: `"update"`, `"frozen"` or `"batch"`.
 
     Yields:
@@ -103,6 +105,9 @@ def _set(model, mode):
 def _check(model):
     """The BN layers of `model`, all ours, or a `ValueError`."""
     layers = batch_norm_layers(model)
+    if isinstance(model, (BatchNorm, keras.layers.BatchNormalization)):
+        # A BN layer given on its own is its own (only) layer.
+        layers.insert(0, model)
     foreign = [layer.name for layer in layers if not isinstance(layer, BatchNorm)]
     if foreign:
         raise ValueError(

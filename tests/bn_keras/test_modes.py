@@ -279,6 +279,17 @@ def test_set_statistics_returns_the_previous_modes_and_reaches_nested_layers():
     }
 
 
+def test_set_statistics_takes_a_bn_layer_itself():
+    layer = BatchNorm(name="alone")
+    assert bn_keras.set_statistics(layer, "frozen") == {"alone": "update"}
+    assert layer.statistics == "frozen"
+    with bn_keras.statistics_mode(layer, "batch"):
+        assert layer.statistics == "batch"
+    assert layer.statistics == "frozen"
+    with pytest.raises(ValueError, match="convert_batch_norms"):
+        bn_keras.set_statistics(keras.layers.BatchNormalization(), "frozen")
+
+
 def test_set_statistics_refuses_keras_layers_and_changes_nothing():
     model = keras.Sequential(
         [
