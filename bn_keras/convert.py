@@ -280,7 +280,8 @@ def _reasons_not_keras(layer):
     reasons += [
         f"{key}={config[key]!r} (no Keras equivalent)"
         for key in config
-        if key not in _KERAS_ARGUMENTS
+        # `statistics` is explained above.
+        if key not in _KERAS_ARGUMENTS and key != "statistics"
     ]
     return reasons
 
