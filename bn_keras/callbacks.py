@@ -6,6 +6,7 @@ training; `FreezeStatistics` fixes them for the last epochs.
 
 from __future__ import annotations
 
+import collections.abc
 import time
 from typing import Any
 
@@ -49,7 +50,9 @@ class PreciseBN(keras.callbacks.Callback):
         data: A sample of the training data, as `recompute_statistics` takes
             it: arrays of the model's inputs (with `batch_size`), or a dataset
             or iterable of batches; labels are ignored. Use training batches,
-            without augmentation you do not want measured.
+            without augmentation you do not want measured. A generator (or
+            other iterator) is used up by one recomputation: a second one is
+            a `ValueError`, raised when training begins if it is sure to come.
         every_n_epochs: Positive integer: recompute after every N-th epoch.
         steps: Number of batches of `data` to use each time (default: all).
             Wu & Johnson use a few thousand examples.
@@ -94,6 +97,7 @@ class PreciseBN(keras.callbacks.Callback):
         self._epoch = None
         self._stale = False
         self._last_modes = None
+        self._iterator_read = False
 
     def on_train_begin(self, logs=None):
         if not batch_norm_layers(self.model):
@@ -101,6 +105,10 @@ class PreciseBN(keras.callbacks.Callback):
                 f"PreciseBN: model {self.model.name!r} has no batch-normalization "
                 "layer to recompute."
             )
+        # Due epochs, and the end of training after an EMA swap.
+        epochs = self.params.get("epochs") or 0
+        swapped = getattr(self.model.optimizer, "use_ema", False)
+        self._check_readable(epochs // self.every_n_epochs + bool(swapped))
         self.records = []
         self._stale = False
         self._last_modes = None
@@ -151,6 +159,9 @@ class PreciseBN(keras.callbacks.Callback):
             self._say(f"PreciseBN: every BN layer is frozen; statistics kept ({when}).")
             self._recomputed, self._stale = True, False
             return
+        self._check_readable()
+        if isinstance(self.data, collections.abc.Iterator):
+            self._iterator_read = True
         start = time.perf_counter()
         recompute_statistics(
             self.model,
@@ -175,6 +186,22 @@ class PreciseBN(keras.callbacks.Callback):
             f"PreciseBN: recomputed the statistics of {len(measured)} BN layers "
             f"({where}) in {seconds:.2f} s."
         )
+
+    def _check_readable(self, reads=1):
+        """A ValueError if `data` is an iterator that would be read again.
+
+        `reads`: how many recomputations are still to come for sure.
+        """
+        if not isinstance(self.data, collections.abc.Iterator):
+            return
+        if reads + self._iterator_read > 1:
+            raise ValueError(
+                "PreciseBN reads `data` at every recomputation, but it is an "
+                f"iterator ({type(self.data).__name__}), used up by the first. "
+                "Pass arrays with `batch_size`, or a tf.data.Dataset, a "
+                "keras.utils.PyDataset or a torch DataLoader, which start over "
+                "at each pass."
+            )
 
     def _say(self, message):
         if self.verbose:

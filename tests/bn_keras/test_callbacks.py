@@ -297,3 +297,27 @@ def test_precise_bn_prints_its_cost(rng, capsys):
     assert (
         "PreciseBN: recomputed the statistics of 1 BN layers" in capsys.readouterr().out
     )
+
+
+def _batches(x):
+    return (x[i : i + BATCH] for i in range(0, EXAMPLES, BATCH))
+
+
+def test_a_generator_serves_one_recomputation_and_a_second_is_a_clear_error(rng):
+    model = _compiled()
+    x, y = _data(rng)
+    weights = [as64(w) for w in model.weights]
+    # Two due epochs: refused before training.
+    with pytest.raises(ValueError, match="iterator .*used up by the first"):
+        model.fit(
+            x, y, epochs=2, verbose=0, callbacks=[PreciseBN(_batches(x), verbose=0)]
+        )
+    for before, after in zip(weights, model.weights, strict=True):
+        np.testing.assert_array_equal(before, as64(after))
+    # One: it is read once, and measured.
+    callback = PreciseBN(_batches(x), verbose=0)
+    model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=[callback])
+    _assert_measured(model, x)
+    # A second fit() would read it again.
+    with pytest.raises(ValueError, match="iterator .*used up by the first"):
+        model.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, callbacks=[callback])
