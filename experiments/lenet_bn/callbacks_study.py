@@ -33,7 +33,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import bn_keras
-from bn_keras.diagnosis import inspect_statistics
 from experiments.common.metrics import finite_or_none
 from experiments.common.quiet import expected_retracing
 from experiments.lenet_bn import models as lm
@@ -204,7 +203,7 @@ class Study:
 
     def inspect(self, model):
         """`bn_keras.inspect_statistics` of `model` on the diagnosis batches."""
-        return inspect_statistics(
+        return bn_keras.inspect_statistics(
             model,
             *self.sample,
             batch_size=self.config["batch_size"],

@@ -91,7 +91,7 @@ def _callbacks(metrics):
     runs_ax.set_ylabel("test error (1 - accuracy)")
     runs_ax.set_title("test error with callbacks")
     runs_ax.grid(alpha=0.3, which="both")
-    runs_ax.legend(fontsize=7)
+    runs_ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16))
 
     diagnosis = metrics["diagnosis"]
     for field, style in (
