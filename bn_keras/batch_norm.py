@@ -10,6 +10,7 @@ from keras import constraints, initializers, ops, regularizers
 
 from bn_keras import (
     checks,
+    domains,
     masking,
     renorm,
     statistics,
@@ -139,6 +140,16 @@ class BatchNorm(keras.layers.Layer):
         statistics: `"update"`, `"frozen"` or `"batch"`: which statistics
             normalize in each mode, and whether the population statistics
             are updated (see the table above). Also a settable attribute.
+        domains: Positive integer, the number of sets of population
+            statistics: one per domain (dataset, tower, source) whose
+            batches are normalized apart. With `domains > 1` the statistics
+            have shape `(domains, features...)`, each call names its set with
+            its `domain` argument, and a training batch updates only its own
+            domain's set (see `bn_keras.domains` for what is checked where).
+            Not with renorm or `fused=True`.
+        per_domain_parameters: If `True` (with `domains > 1`), gamma and
+            beta are per domain too, of shape `(domains, features...)`;
+            by default they are shared.
         **kwargs: Base layer keyword arguments (`name`, `dtype`, ...).
 
     Call arguments:
@@ -149,6 +160,11 @@ class BatchNorm(keras.layers.Layer):
             statistics (if the layer is trainable); `False` or `None`
             normalizes with the population statistics and updates nothing.
             The `"frozen"` and `"batch"` modes ignore it.
+        domain: With `domains > 1`, whose statistics (and parameters) to use
+            and update: a Python int in `[0, domains)`, or an integer tensor,
+            a scalar or one entry per example (`(batch,)` or `(batch, 1)`).
+            In inference each example uses its own domain's; a training
+            batch must be of one domain. Optional with `domains=1` (0).
         mask: Optional boolean tensor with one dimension fewer than the input
             (Keras' convention, as produced by `Masking` or
             `Embedding(mask_zero=True)`), expanded on the last axis; a
@@ -161,6 +177,8 @@ class BatchNorm(keras.layers.Layer):
     Reference:
         - [Ioffe & Szegedy, 2015](https://arxiv.org/abs/1502.03167).
         - [Ioffe, 2017](https://arxiv.org/abs/1702.03275) (renormalization).
+        - [Wu & Johnson, 2021](https://arxiv.org/abs/2105.07576), Section 5
+          (domain-specific statistics).
     """
 
     def __init__(
@@ -187,10 +205,14 @@ class BatchNorm(keras.layers.Layer):
         virtual_batch_size: int | None = None,
         fused: bool | None = None,
         statistics: str = "update",
+        domains: int = 1,
+        per_domain_parameters: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self._statistics = validation.validate_statistics(statistics)
+        self.domains = validation.validate_positive_int(domains, "domains")
+        self.per_domain_parameters = bool(per_domain_parameters)
         self.axis = validation.validate_axis(axis)
         self.momentum = validation.validate_momentum(
             momentum, "momentum", allow_none=True
@@ -234,6 +256,12 @@ class BatchNorm(keras.layers.Layer):
             virtual_batch_size
         )
         self.fused = validation.validate_fused(fused)
+        if self.domains > 1 and (self.renorm or self.fused):
+            option = "renorm=True" if self.renorm else "fused=True"
+            raise ValueError(
+                f"`domains > 1` does not combine with `{option}`. Received: "
+                f"domains={self.domains}, {option}"
+            )
         fused_kernel.check_request(
             self.fused,
             self.epsilon,
@@ -311,7 +339,8 @@ class BatchNorm(keras.layers.Layer):
         self._broadcast_shape = tuple(
             input_shape[i] if i in axes else 1 for i in range(rank)
         )
-        self._statistics_shape = self._statistics_shape_for(self._param_shape)
+        self._domain_shape = self._statistics_shape_for(self._param_shape)
+        self._statistics_shape = self._per_domain(self._domain_shape)
         self._fused = fused_kernel.plan(
             self.fused,
             axes,
@@ -322,6 +351,9 @@ class BatchNorm(keras.layers.Layer):
             self.virtual_batch_size,
             self.synchronized,
         )
+        if self.domains > 1:
+            # The kernel takes one set of statistics per call.
+            self._fused = fused_kernel.Plan()
 
         if self.scale:
             self.gamma = self._add_parameter(
@@ -369,9 +401,16 @@ class BatchNorm(keras.layers.Layer):
             ndim=rank, axes={a: input_shape[a] for a in axes}
         )
 
+    def _per_domain(self, shape):
+        """`shape` with a leading axis of one entry per domain, if several."""
+        return (self.domains,) + tuple(shape) if self.domains > 1 else tuple(shape)
+
     def _add_parameter(self, name, initializer, regularizer, constraint):
+        shape = self._param_shape
+        if self.per_domain_parameters:
+            shape = self._per_domain(shape)
         return self.add_weight(
-            shape=self._param_shape,
+            shape=shape,
             name=name,
             initializer=initializer,
             regularizer=regularizer,
@@ -414,8 +453,11 @@ class BatchNorm(keras.layers.Layer):
 
         A counter of shape `(n, 1, ..., 1)` counts the batches that updated
         each of the `n` leading slices of the statistics separately, and its
-        averaging rate broadcasts against them.
+        averaging rate broadcasts against them. Base: one count per domain
+        when there are several.
         """
+        if self.domains > 1:
+            return (self.domains,) + (1,) * len(self._param_shape)
         return ()
 
     def _batch_statistics(self, batch_moments, ghosts):
@@ -424,7 +466,7 @@ class BatchNorm(keras.layers.Layer):
         `ok` is False where the population statistics must stay as they are.
         """
         return statistics.batch_contribution(
-            batch_moments, self._statistics_shape, self.unbiased_variance, ghosts
+            batch_moments, self._domain_shape, self.unbiased_variance, ghosts
         )
 
     def _population_statistics(self, x):
@@ -449,7 +491,7 @@ class BatchNorm(keras.layers.Layer):
         validation.check_real_input(args[0] if args else kwargs.get("inputs"))
         return super().__call__(*args, **kwargs)
 
-    def call(self, inputs, training=None, mask=None):
+    def call(self, inputs, training=None, mask=None, domain=None):
         # At least float32 (as Keras), float64 kept: written out because
         # Keras' torch backend promotes float64 with float32 to float32.
         float64 = keras.backend.standardize_dtype(inputs.dtype) == "float64"
@@ -457,13 +499,17 @@ class BatchNorm(keras.layers.Layer):
         if mask is not None:
             # Validated in inference too: a wrong mask is a bug either way.
             mask = masking.broadcast_mask(mask, x)
+        if self.domains > 1 or domain is not None:
+            x, domain = domains.resolve(domain, self.domains, self.name, x)
+        if self.domains == 1:
+            domain = None
         if self._statistics == "batch":
-            outputs = self._train_call(x, mask, update=False)
+            outputs = self._train_call(x, mask, update=False, domain=domain)
         elif training and self.trainable and self._statistics == "update":
-            outputs = self._train_call(x, mask)
+            outputs = self._train_call(x, mask, domain=domain)
         else:
             # "frozen" in training too: gamma and beta get their gradients.
-            outputs = self._inference_call(x)
+            outputs = self._inference_call(x, domain)
         return ops.cast(outputs, self.compute_dtype)
 
     def _check_features(self, x):
@@ -486,7 +532,9 @@ class BatchNorm(keras.layers.Layer):
                 x = checks.with_size(x, axis, size)
         return x
 
-    def _inference_call(self, x):
+    def _inference_call(self, x, domain=None):
+        if domain is not None:
+            return self._domain_inference_call(x, domain)
         mean, variance = self._population_statistics(x)
         if fused_kernel.in_inference(self._fused, x):
             return fused_kernel.inference(
@@ -517,7 +565,31 @@ class BatchNorm(keras.layers.Layer):
             self.epsilon,
         )
 
-    def _train_call(self, x, mask, update=True):
+    def _domain_inference_call(self, x, domain):
+        """Inference with the statistics (and parameters) of `domain`'s set."""
+        shape = self._broadcast_shape
+        if domain.per_example:
+            # (batch, features...) rows, one per example, against x.
+            shape = (-1,) + shape[1:]
+
+        def rows(variable, per_domain=True):
+            if variable is None:
+                return None
+            if not per_domain:
+                return ops.reshape(ops.cast(variable, x.dtype), self._broadcast_shape)
+            return ops.reshape(domains.select(variable, domain, x.dtype), shape)
+
+        own = self.per_domain_parameters
+        return normalize_broadcast(
+            x,
+            rows(self.moving_mean),
+            rows(self.moving_variance),
+            rows(self.gamma, own),
+            rows(self.beta, own),
+            self.epsilon,
+        )
+
+    def _train_call(self, x, mask, update=True, domain=None):
         """Normalizes with the batch statistics; updates the population's if asked.
 
         Without the update (the `"batch"` mode) renorm's corrections, which
@@ -525,10 +597,16 @@ class BatchNorm(keras.layers.Layer):
         """
         shape = ops.shape(x)
         batch = shape[0]
-        x = checks.require(batch > 0, checks.empty_batch_message, x)
+        x = checks.require(
+            batch > 0,
+            lambda shape: checks.empty_batch_message(shape, batch_mode=not update),
+            x,
+        )
         inputs = x
         if fused_kernel.in_training(self._fused, x, mask):
             return self._fused_train_call(x, update)
+        if domain is not None:
+            x, domain = domains.for_training(domain, self.name, x)
         ghosts = self.virtual_batch_size is not None
         reduction_axes, broadcast_shape = self._reduction_axes, self._broadcast_shape
         if ghosts:
@@ -543,20 +621,23 @@ class BatchNorm(keras.layers.Layer):
 
             def message(input_shape):
                 return checks.single_value_message(
-                    input_shape, self._reduction_axes, self.virtual_batch_size
+                    input_shape,
+                    self._reduction_axes,
+                    self.virtual_batch_size,
+                    batch_mode=not update,
                 )
 
             x = checks.require(count > 1, message, x, shapes=(inputs,))
 
         mean = batch_moments.mean + batch_moments.shift
         variance = batch_moments.variance
-        gamma = self._parameter(self.gamma, x.dtype, broadcast_shape)
-        beta = self._parameter(self.beta, x.dtype, broadcast_shape)
+        gamma = self._parameter(self.gamma, x.dtype, broadcast_shape, domain)
+        beta = self._parameter(self.beta, x.dtype, broadcast_shape, domain)
         if self.renorm and update:
             r, d = self._renorm.correction(mean, variance, broadcast_shape)
             gamma, beta = renorm.compose(r, d, gamma, beta)
         if update:
-            self._update_statistics(batch_moments, ghosts)
+            self._update_statistics(batch_moments, ghosts, domain)
 
         # Folded around the shift: `(x - shift) * a + b` adds no op and does
         # not cancel large terms when the mean is large.
@@ -568,7 +649,9 @@ class BatchNorm(keras.layers.Layer):
         count = static_count(x, self._reduction_axes)
 
         def message(input_shape):
-            return checks.single_value_message(input_shape, self._reduction_axes, None)
+            return checks.single_value_message(
+                input_shape, self._reduction_axes, None, batch_mode=not update
+            )
 
         x = checks.require(count > 1, message, x)
         outputs, mean, variance = fused_kernel.train(
@@ -599,8 +682,12 @@ class BatchNorm(keras.layers.Layer):
             return None
         return static_count(x, reduction_axes)
 
-    def _update_statistics(self, batch_moments, ghosts):
+    def _update_statistics(self, batch_moments, ghosts, domain=None):
         mean, variance, ok = self._batch_statistics(batch_moments, ghosts)
+        if domain is not None:
+            mean, variance, ok = domains.spread(
+                mean, variance, ok, domain, self.domains
+            )
         rate, keep = statistics.average_rate(
             self.momentum, self.debias, self.num_batches
         )
@@ -616,10 +703,15 @@ class BatchNorm(keras.layers.Layer):
         else:
             statistics.assign_average(self.moving_variance, variance, rate, keep, ok)
 
-    def _parameter(self, variable, dtype, broadcast_shape=None):
-        """`gamma` or `beta` (None if off) cast, and shaped to broadcast if asked."""
+    def _parameter(self, variable, dtype, broadcast_shape=None, domain=None):
+        """`gamma` or `beta` (None if off) cast, and shaped to broadcast if asked.
+
+        Per-domain parameters: the row of `domain` (one domain per batch).
+        """
         if variable is None:
             return None
+        if self.per_domain_parameters and domain is not None:
+            variable = domains.select(variable, domain, dtype)
         variable = ops.cast(variable, dtype)
         if broadcast_shape is None:
             return variable
@@ -704,5 +796,7 @@ class BatchNorm(keras.layers.Layer):
             if self._fused_in_config is None
             else self._fused_in_config,
             "statistics": self._statistics,
+            "domains": self.domains,
+            "per_domain_parameters": self.per_domain_parameters,
         }
         return {**super().get_config(), **config}

@@ -125,13 +125,28 @@ def batch_size_message(input_shape, virtual_batch_size):
     )
 
 
-def single_value_message(input_shape, reduction_axes, virtual_batch_size):
-    """The error for a training batch with at most one value per feature."""
+def single_value_message(
+    input_shape, reduction_axes, virtual_batch_size, batch_mode=False
+):
+    """The error for a training batch with at most one value per feature
+    (with `batch_mode`, a batch of the `"batch"` statistics mode)."""
     where = (
         ""
         if virtual_batch_size is None
         else f" per ghost batch (virtual_batch_size={virtual_batch_size})"
     )
+    if batch_mode:
+        # No quotes: TensorFlow escapes them in an assertion's message.
+        return (
+            "BatchNorm in the statistics mode `batch` got a single value per "
+            f"feature{where} (input shape {_shape(input_shape)}, reduced over "
+            f"axes {tuple(reduction_axes)}): that mode normalizes every batch "
+            "with the statistics of the batch itself, in predict() and "
+            "evaluate() too, and every output would equal beta. Use batches of "
+            "more than one example (65 examples in batches of 64 leave a last "
+            "batch of one: pick a batch size that leaves none), or run such a "
+            "batch in another mode: `bn_keras.statistics_mode(model, mode)`."
+        )
     return (
         "BatchNorm in training mode got a single value per feature"
         f"{where} (input shape {_shape(input_shape)}, reduced over axes "
@@ -145,7 +160,14 @@ def single_value_message(input_shape, reduction_axes, virtual_batch_size):
     )
 
 
-def empty_batch_message(input_shape):
+def empty_batch_message(input_shape, batch_mode=False):
+    if batch_mode:
+        return (
+            "BatchNorm in the statistics mode `batch` got an empty batch (input "
+            f"shape {_shape(input_shape)}): that mode normalizes every batch "
+            "with the statistics of the batch itself, in inference too, and an "
+            "empty batch has none. Skip empty batches."
+        )
     return (
         f"BatchNorm in training mode got an empty batch (input shape "
         f"{_shape(input_shape)}): there is nothing to normalize with. Skip empty "

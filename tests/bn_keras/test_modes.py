@@ -108,6 +108,17 @@ def test_batch_mode_refuses_a_batch_of_one_in_inference_too(rng):
         keras.ops.convert_to_numpy(layer(random_inputs(rng, (1, 5)), training=False))
 
 
+def test_batch_mode_explains_a_last_predict_batch_of_one(rng):
+    model = keras.Sequential(
+        [keras.Input((5,)), keras.layers.Dense(4), BatchNorm(statistics="batch")]
+    )
+    # The backend's own error type: a ValueError, or TensorFlow's assertion.
+    with pytest.raises(Exception, match="mode `batch` got a single value"):
+        model.predict(random_inputs(rng, (65, 5)), batch_size=64, verbose=0)
+    with pytest.raises(ValueError, match="mode `batch` got an empty batch"):
+        model.layers[-1](random_inputs(rng, (0, 4)), training=False)
+
+
 def test_batch_mode_ignores_renorm_corrections(rng):
     x = random_inputs(rng, SHAPE)
     layer = BatchNorm(renorm=True, statistics="batch", center=False, scale=False)
