@@ -717,6 +717,23 @@ class BatchNorm(keras.layers.Layer):
             return variable
         return ops.reshape(variable, broadcast_shape)
 
+    def load_own_variables(self, store):
+        # A file saved with another number of domains: say so, rather than
+        # Keras' shape mismatch of a variable.
+        variables = self._trainable_variables + self._non_trainable_variables
+        for i, variable in enumerate(variables):
+            if variable is self.moving_mean and str(i) in store:
+                saved = tuple(store[str(i)].shape)
+                if saved != tuple(variable.shape):
+                    raise ValueError(
+                        f"The population statistics of {self.name} were saved "
+                        f"with shape {saved}; this layer's have shape "
+                        f"{tuple(variable.shape)} (domains={self.domains}, "
+                        "features first after it). Build the layer with the "
+                        "`domains` and features it was saved with to load them."
+                    )
+        super().load_own_variables(store)
+
     # `fused=True` from a config loaded where the backend has no fused
     # kernel: the layer runs without it, and saves it again as asked.
     _fused_in_config = None

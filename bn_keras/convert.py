@@ -76,8 +76,9 @@ def convert_batch_norms(model: keras.Model, to: str = "bn_keras") -> keras.Model
     layer using an option that Keras' layer cannot express is an error that
     names the layer and the option: `momentum=None`, `debias=True`,
     `unbiased_variance=True`, `virtual_batch_size`, an `axis` of several
-    axes, a `statistics` mode other than `"update"`, and `synchronized=True`
-    on JAX or torch (Keras accepts it on TensorFlow only). So is a
+    axes, `domains > 1`, a `statistics` mode other than `"update"`, and
+    `synchronized=True` on JAX or torch (Keras accepts it on TensorFlow
+    only). So is a
     `TimestepBatchNorm` or `BatchNormLSTM`, which Keras has no layer for.
     Only layers of exactly the converted class are converted; a subclass of
     it (whose `call` may differ) is an error, as is a BN layer held inside
@@ -265,6 +266,11 @@ def _reasons_not_keras(layer):
         reasons.append(
             f"axis={layer.axis} (Keras normalizes along one axis; it takes an int only)"
         )
+    if layer.domains > 1:
+        reasons.append(
+            f"domains={layer.domains} (one set of statistics per domain; Keras "
+            "keeps one set)"
+        )
     mode = getattr(layer, "statistics", "update")
     if mode != "update":
         reasons.append(
@@ -280,8 +286,8 @@ def _reasons_not_keras(layer):
     reasons += [
         f"{key}={config[key]!r} (no Keras equivalent)"
         for key in config
-        # `statistics` is explained above.
-        if key not in _KERAS_ARGUMENTS and key != "statistics"
+        # `statistics` and `domains` are explained above.
+        if key not in _KERAS_ARGUMENTS and key not in ("statistics", "domains")
     ]
     return reasons
 
@@ -292,6 +298,10 @@ def _keras_config(layer):
         config.pop(key, None)
     if config.get("statistics") == "update":
         del config["statistics"]
+    if config.get("domains") == 1:
+        # One domain: the parameters are shared whatever the flag says.
+        del config["domains"]
+        config.pop("per_domain_parameters", None)
     if isinstance(config["axis"], (tuple, list)) and len(config["axis"]) == 1:
         config["axis"] = config["axis"][0]
     return config

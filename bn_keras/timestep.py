@@ -117,6 +117,12 @@ class TimestepBatchNorm(BatchNorm):
     def __init__(
         self, max_timesteps: int, axis: int | tuple[int, ...] = -1, **kwargs: Any
     ) -> None:
+        if kwargs.get("domains", 1) != 1:
+            raise ValueError(
+                "TimestepBatchNorm keeps one set of per-timestep statistics; "
+                "per-domain statistics (`domains`) are BatchNorm's only. "
+                f"Received: domains={kwargs['domains']!r}"
+            )
         if kwargs.get("renorm"):
             raise ValueError(
                 "TimestepBatchNorm does not support batch renormalization. "
@@ -135,11 +141,11 @@ class TimestepBatchNorm(BatchNorm):
             )
         super().build(input_shape)
 
-    def _train_call(self, x, mask, update=True):
+    def _train_call(self, x, mask, update=True, domain=None):
         steps = ops.shape(x)[TIME_AXIS]
         message = empty_sequence_message(type(self).__name__, x.shape)
         x = checks.require(steps > 0, message, x)
-        return super()._train_call(x, mask, update)
+        return super()._train_call(x, mask, update, domain)
 
     def _statistics_axes(self, axes):
         if 0 in axes or TIME_AXIS in axes:
