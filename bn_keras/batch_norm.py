@@ -499,6 +499,8 @@ class BatchNorm(keras.layers.Layer):
         if mask is not None:
             # Validated in inference too: a wrong mask is a bug either way.
             mask = masking.broadcast_mask(mask, x)
+        if self._domain_override is not None:
+            domain = self._domain_override
         if self.domains > 1 or domain is not None:
             x, domain = domains.resolve(domain, self.domains, self.name, x)
         if self.domains == 1:
@@ -733,6 +735,10 @@ class BatchNorm(keras.layers.Layer):
                         "`domains` and features it was saved with to load them."
                     )
         super().load_own_variables(store)
+
+    # Set by precise BN and the diagnosis around a run on one domain's data:
+    # every call then uses that domain, whatever its `domain` argument.
+    _domain_override = None
 
     # `fused=True` from a config loaded where the backend has no fused
     # kernel: the layer runs without it, and saves it again as asked.

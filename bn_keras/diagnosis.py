@@ -13,6 +13,7 @@ from keras import ops, tree
 
 from bn_keras.precise import (
     _batches,
+    _check_domain,
     _frozen,
     _measure,
     _model_inputs,
@@ -318,6 +319,7 @@ def inspect_statistics(
     max_shift: float = MAX_SHIFT,
     max_variance_factor: float = MAX_VARIANCE_FACTOR,
     progress: bool = True,
+    domain: int | None = None,
 ) -> StatisticsReport:
     """Compares every BN layer's population statistics with those of `data`.
 
@@ -413,6 +415,12 @@ def inspect_statistics(
             deviations of the data.
         max_variance_factor: Float above 1, the variance-factor threshold.
         progress: Show a progress bar.
+        domain: Optional int: inspect this domain's statistics only, on
+            `data` of that domain (`BatchNorm(domains=k)`): every BN layer
+            must keep per-domain statistics, and each uses domain `domain`
+            in both runs whatever its calls say. Without it, each layer's
+            sets are compared with the data that reach them, and sets the
+            data never reach count as unreached.
 
     Returns:
         A `StatisticsReport`: `report.layers` holds a `LayerStatistics` per
@@ -449,6 +457,7 @@ def inspect_statistics(
             f"max_variance_factor={max_variance_factor!r}"
         )
     batch_size, steps, layers = _validated(model, batch_size, steps, "inspect")
+    domain = _check_domain(layers, domain, "inspect")
     source, total_steps = _batches(data, batch_size, _model_inputs(model), y)
     outputs = _Outputs(labels_required=y is not None)
     totals = _measure(
@@ -461,10 +470,11 @@ def inspect_statistics(
         desc="inspect BN",
         unfreeze=True,
         on_batch=outputs.add,
+        domain=domain,
     )
     return StatisticsReport(
         layers=tuple(
-            _layer_statistics(layer, total, max_shift, max_variance_factor)
+            _layer_statistics(layer, total, max_shift, max_variance_factor, domain)
             for layer, total in zip(layers, totals, strict=True)
         ),
         examples=outputs.examples,
@@ -480,17 +490,25 @@ def inspect_statistics(
     )
 
 
-def _layer_statistics(layer, total, max_shift, max_variance_factor):
-    """A `LayerStatistics` from the layer's statistics and the data's `_Pooled`."""
+def _layer_statistics(layer, total, max_shift, max_variance_factor, domain=None):
+    """A `LayerStatistics` from the layer's statistics and the data's `_Pooled`.
+
+    With `domain`, of that domain's set only.
+    """
     moving_mean = ops.convert_to_numpy(layer.moving_mean).astype("float64")
     moving_variance = ops.convert_to_numpy(layer.moving_variance).astype("float64")
+    data_mean, data_variance, reached = total.mean, total.variance, total.reached
+    if domain is not None:
+        moving_mean, moving_variance = moving_mean[domain], moving_variance[domain]
+        data_mean, data_variance = data_mean[domain], data_variance[domain]
+        reached = reached[domain]
     epsilon = float(layer.epsilon)
     finite = np.isfinite(moving_mean) & np.isfinite(moving_variance)
-    usable = finite & total.reached
+    usable = finite & reached
     with np.errstate(all="ignore"):
-        scale = np.sqrt(total.variance[usable] + epsilon)
-        shift = np.abs(moving_mean[usable] - total.mean[usable]) / scale
-        ratio = (moving_variance[usable] + epsilon) / (total.variance[usable] + epsilon)
+        scale = np.sqrt(data_variance[usable] + epsilon)
+        shift = np.abs(moving_mean[usable] - data_mean[usable]) / scale
+        ratio = (moving_variance[usable] + epsilon) / (data_variance[usable] + epsilon)
         factor = np.where(ratio > 0, np.maximum(ratio, 1.0 / ratio), np.inf)
     nonfinite = int((~finite).sum())
 
@@ -518,7 +536,7 @@ def _layer_statistics(layer, total, max_shift, max_variance_factor):
         variance_factor_max=factor_max,
         variance_factor_median=summary(factor, np.median),
         nonfinite=nonfinite,
-        unreached=int((~total.reached).sum()),
+        unreached=int((~reached).sum()),
         stale=bool(stale),
     )
 

@@ -20,6 +20,7 @@ import numpy as np
 # Keras exports no name for functional models; clone_model tests this class too.
 from keras.src.models.functional import Functional
 
+from bn_keras import validation
 from bn_keras.batch_norm import BatchNorm
 
 # Exact types: a subclass may compute something else in `call`.
@@ -54,7 +55,9 @@ _LAYOUTS = {
 }
 
 
-def fold_batch_norms(model: keras.Model, strict: bool = False) -> keras.Model:
+def fold_batch_norms(
+    model: keras.Model, strict: bool = False, domain: int | None = None
+) -> keras.Model:
     """A copy of `model` with every foldable BN layer folded into its producer.
 
     A BN layer (`bn_keras.BatchNorm` or `keras.layers.BatchNormalization`)
@@ -81,7 +84,9 @@ def fold_batch_norms(model: keras.Model, strict: bool = False) -> keras.Model:
       `1` after a `channels_first` convolution); a tuple of several axes is
       kept;
     - it is not called with `training=True`, and its compute dtype is the
-      producer's.
+      producer's;
+    - with per-domain statistics (`BatchNorm(domains=k)`), `domain` names
+      the set to fold: the folded model serves that domain only.
 
     The copy shares no variable with `model`, which is left untouched. Nested
     Sequential and functional models are folded too; a BN whose producer is
@@ -98,6 +103,9 @@ def fold_batch_norms(model: keras.Model, strict: bool = False) -> keras.Model:
         model: A built `keras.Sequential` or functional `keras.Model`.
         strict: If `True`, raise a `ValueError` naming every BN layer that
             cannot be folded, and why, instead of keeping it.
+        domain: Optional int, the domain whose statistics (and parameters)
+            a per-domain BN layer is folded with; without it such a layer is
+            kept. Layers with one set of statistics ignore it.
 
     Returns:
         A new model of the same kind (Sequential or functional) with the
@@ -114,7 +122,14 @@ def fold_batch_norms(model: keras.Model, strict: bool = False) -> keras.Model:
         - [Jacob et al., 2018](https://arxiv.org/abs/1712.05877),
           Section 3.2: folding batch normalization into the weights.
     """
-    return _fold_model(model, bool(strict))
+    if domain is not None:
+        index = validation.to_int(domain)
+        if index is None or index < 0 or isinstance(domain, bool):
+            raise ValueError(
+                f"`domain` must be a non-negative int. Received: domain={domain!r}"
+            )
+        domain = index
+    return _fold_model(model, bool(strict), domain)
 
 
 def _check_model(model):
@@ -139,11 +154,11 @@ def _check_model(model):
         )
 
 
-def _fold_model(model, strict):
+def _fold_model(model, strict, domain):
     _check_model(model)
     sequential = isinstance(model, keras.Sequential)
     graph = model._functional if sequential else model
-    folds, kept = _plan(graph)
+    folds, kept = _plan(graph, domain)
     if strict and kept:
         raise ValueError(
             f"Cannot fold every BN layer of model '{model.name}' "
@@ -158,7 +173,7 @@ def _fold_model(model, strict):
             # Never called: `call` below skips it.
             return layer
         if isinstance(layer, keras.Model):
-            return _fold_model(layer, strict)
+            return _fold_model(layer, strict, domain)
         config = layer.get_config()
         if id(layer) in producers:
             config["use_bias"] = True
@@ -185,7 +200,7 @@ def _fold_model(model, strict):
     # Weights are set once the copies are built by the new graph.
     for layer, copy in copies:
         if id(layer) in producers:
-            _assign_folded(layer, copy, producers[id(layer)])
+            _assign_folded(layer, copy, producers[id(layer)], domain)
         elif getattr(layer, "weights", None):
             copy.set_weights(layer.get_weights())
     return folded
@@ -207,7 +222,7 @@ def _rebuild_sequential(model, folds, clone):
     return folded
 
 
-def _plan(graph):
+def _plan(graph, domain):
     """Which BN layers of a functional graph fold, and why the others do not.
 
     Returns `({id(bn): (bn, producer)}, [(bn name, reason)])`.
@@ -223,6 +238,14 @@ def _plan(graph):
             continue
         producer = node.input_tensors[0]._keras_history.operation
         reason = _reason_not_to_fold(node, bn, producer, calls, uses, outputs)
+        domains = getattr(bn, "domains", 1)
+        if reason is None and domains > 1 and domain is None:
+            reason = (
+                f"it keeps per-domain statistics (domains={domains}): pass "
+                "`domain=` to fold one domain's"
+            )
+        elif reason is None and domains > 1 and domain >= domains:
+            reason = f"`domain={domain}` is out of range (domains={domains})"
         if reason is None:
             folds[id(bn)] = (bn, producer)
         elif (bn.name, reason) not in kept:
@@ -276,25 +299,35 @@ def _reason_not_to_fold(node, bn, producer, calls, uses, outputs):
     return None
 
 
-def _affine(bn):
-    """`(s, t)` in float64 with `bn(x) = x * s + t` at inference."""
-    mean = _numpy(bn.moving_mean)
-    scale = 1.0 / np.sqrt(_numpy(bn.moving_variance) + bn.epsilon)
+def _affine(bn, domain):
+    """`(s, t)` in float64 with `bn(x) = x * s + t` at inference.
+
+    A per-domain layer's with `domain`'s statistics (and parameters).
+    """
+    per_domain = getattr(bn, "domains", 1) > 1
+    own = per_domain and bn.per_domain_parameters
+
+    def value(variable, per_domain):
+        values = _numpy(variable)
+        return values[domain] if per_domain else values
+
+    mean = value(bn.moving_mean, per_domain)
+    scale = 1.0 / np.sqrt(value(bn.moving_variance, per_domain) + bn.epsilon)
     if bn.scale:
-        scale = scale * _numpy(bn.gamma)
+        scale = scale * value(bn.gamma, own)
     shift = -mean * scale
     if bn.center:
-        shift = shift + _numpy(bn.beta)
+        shift = shift + value(bn.beta, own)
     return scale, shift
 
 
-def _assign_folded(producer, copy, bn):
+def _assign_folded(producer, copy, bn, domain):
     """Gives `copy` (built, with a bias) `producer`'s weights with `bn` folded in."""
     layout = _LAYOUTS[type(producer)]
     values = {variable.name: _numpy(variable) for variable in producer.weights}
     # The kernel the layer computes with (with LoRA, not the stored weight).
     kernel = _numpy(getattr(producer, layout.kernel))
-    scale, shift = _affine(bn)
+    scale, shift = _affine(bn, domain)
     if layout.channels == "last":
         kernel = kernel * scale
     elif layout.channels == "depthwise":

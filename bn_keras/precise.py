@@ -24,7 +24,7 @@ from keras.src.trainers.data_adapters import (
 from tqdm.auto import tqdm
 
 from bn_keras.batch_norm import BatchNorm
-from bn_keras.validation import validate_positive_int
+from bn_keras.validation import to_int, validate_positive_int
 
 
 def batch_norm_layers(model: keras.Model) -> list[keras.layers.Layer]:
@@ -45,6 +45,7 @@ def recompute_statistics(
     batch_size: int | None = None,
     steps: int | None = None,
     progress: bool = True,
+    domain: int | None = None,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Recomputes every BN layer's `moving_mean` and `moving_variance` exactly.
 
@@ -79,6 +80,14 @@ def recompute_statistics(
     normalizes with the batch statistics in training, as in the `"update"`
     mode, and gets its (unused) population statistics recomputed too.
 
+    Per-domain statistics (`BatchNorm(domains=k)`): each call of a layer
+    updates the set of its `domain`, so a model that routes each domain's
+    data to its own calls (two towers, or a domain input) gets every set
+    recomputed from its own domain's data in one pass; a set that `data`
+    never reaches keeps its values. With `domain=d`, every per-domain layer
+    uses domain `d` whatever its calls say, and only set `d` is recomputed,
+    from `data`, which should be domain `d`'s.
+
     `data` is read as `model.predict` reads its `x`:
 
     - Arrays (NumPy, tensors) or a dict, list or tuple of them, nested as the
@@ -104,6 +113,11 @@ def recompute_statistics(
         steps: Number of batches to use, a positive integer (default: all of
             `data`).
         progress: Show a progress bar.
+        domain: Optional int: recompute only this domain's statistics, from
+            `data` of that domain. Every BN layer must then keep per-domain
+            statistics with more than `domain` sets (a layer with one set,
+            shared by every domain, is an error: `data` of one domain would
+            fit it to that domain).
 
     Returns:
         `{layer name: (mean, variance)}`, the NumPy values assigned (frozen
@@ -111,7 +125,8 @@ def recompute_statistics(
 
     Raises:
         ValueError: If `batch_size` or `steps` is not a positive integer,
-            `data` does not fit the model's inputs, yields no batch or holds a
+            `domain` does not fit the layers (see above), `data` does not fit
+            the model's inputs, yields no batch or holds a
             NaN or inf, or every BN layer is frozen.
 
     Reference:
@@ -121,6 +136,7 @@ def recompute_statistics(
           "Rethinking 'Batch' in BatchNorm", Section 3.
     """
     batch_size, steps, layers = _validated(model, batch_size, steps, "recompute")
+    domain = _check_domain(layers, domain, "recompute")
     untrainable = [layer.name for layer in layers if not layer.trainable]
     fixed = [layer.name for layer in layers if layer.trainable and _frozen(layer)]
     layers = [layer for layer in layers if not _frozen(layer)]
@@ -147,7 +163,14 @@ def recompute_statistics(
         )
     source, total_steps = _batches(data, batch_size, _model_inputs(model))
     totals = _measure(
-        model, layers, source, total_steps, steps, progress=progress, desc="precise BN"
+        model,
+        layers,
+        source,
+        total_steps,
+        steps,
+        progress=progress,
+        desc="precise BN",
+        domain=domain,
     )
     for layer, total in zip(layers, totals, strict=True):
         if not total.reached.any():
@@ -160,9 +183,15 @@ def recompute_statistics(
     result = {}
     for layer, total in zip(layers, totals, strict=True):
         reached = total.reached
-        if not reached.all():
+        expected = np.ones_like(reached)
+        if domain is not None:
+            # The other domains' statistics are not this data's to reach.
+            expected = np.zeros_like(reached)
+            expected[domain] = True
+        if not reached[expected].all():
             warnings.warn(
-                f"Precise BN: {int((~reached).sum())} of {reached.size} population "
+                f"Precise BN: {int((expected & ~reached).sum())} of "
+                f"{int(expected.sum())} population "
                 f"statistics of layer {layer.name!r} got no usable value from "
                 "`data` (features or timesteps it never reaches, or non-finite "
                 "activations); they keep their previous values.",
@@ -210,6 +239,7 @@ def _measure(
     desc,
     unfreeze=False,
     on_batch=None,
+    domain=None,
 ):
     """The pooled moments of each layer's input, over the batches of `source`.
 
@@ -221,7 +251,9 @@ def _measure(
     and give none: `unfreeze=True` runs it as an unfrozen one. `on_batch(x,
     y, outputs, inference_outputs)`, if given, gets each batch with the
     model's outputs of that run and of an inference-mode run of the model as
-    it is, with its population statistics.
+    it is, with its population statistics. With `domain`, every layer with
+    several sets of statistics (`BatchNorm(domains=k)`) uses that domain's in
+    both runs, whatever its call's `domain` argument.
 
     Nothing changes: the variables are only read, and the layers' attributes
     (momentum, `trainable`, ...) are restored, also on an error. A batch with
@@ -234,6 +266,19 @@ def _measure(
     if steps is not None:
         batches = itertools.islice(source, steps)
         total_steps = steps if total_steps is None else min(steps, total_steps)
+    if domain is not None:
+        with _overriding_domain(layers, domain):
+            return _measure(
+                model,
+                layers,
+                source,
+                total_steps,
+                steps,
+                progress=progress,
+                desc=desc,
+                unfreeze=unfreeze,
+                on_batch=on_batch,
+            )
     try:
         # The attributes are switched around each training-mode call only:
         # the inference-mode call runs the model as it is. The variables are
@@ -369,6 +414,56 @@ def _writing_batch_statistics(layers, unfreeze, holders):
     finally:
         for obj, name, value in reversed(saved):
             setattr(obj, name, value)
+
+
+@contextlib.contextmanager
+def _overriding_domain(layers, domain):
+    """A context in which the per-domain layers of `layers` use `domain`."""
+    changed = []
+    try:
+        for layer in layers:
+            if getattr(layer, "domains", 1) > 1:
+                changed.append(layer)
+                layer._domain_override = domain
+        yield
+    finally:
+        for layer in changed:
+            layer._domain_override = None
+
+
+def _check_domain(layers, domain, verb):
+    """`domain` checked against the layers: each must keep per-domain statistics.
+
+    A layer with one set of statistics describes every domain's data at
+    once; measuring it on one domain's data alone would fit it to that one.
+    """
+    if domain is None:
+        return None
+    index = to_int(domain)
+    if index is None or index < 0 or isinstance(domain, bool):
+        raise ValueError(
+            f"`domain` must be a non-negative int. Received: domain={domain!r}"
+        )
+    shared = [layer.name for layer in layers if getattr(layer, "domains", 1) == 1]
+    if shared:
+        raise ValueError(
+            f"`domain={index}` asks to {verb} one domain's statistics from "
+            f"data of that domain, but the layers {shared} keep one set for "
+            "every domain (built without `domains`): their statistics would "
+            f"fit domain {index} alone. {verb.capitalize()} without `domain`, "
+            "on data of every domain. Nothing was changed."
+        )
+    small = [
+        f"{layer.name} (domains={layer.domains})"
+        for layer in layers
+        if index >= layer.domains
+    ]
+    if small:
+        raise ValueError(
+            f"`domain={index}` is out of range for {', '.join(small)}. Nothing "
+            "was changed."
+        )
+    return index
 
 
 def _holders(model, layers):
