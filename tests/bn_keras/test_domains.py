@@ -364,3 +364,18 @@ def test_a_mixed_training_batch_in_fit_never_touches_any_domains_statistics(rng)
     model.fit([data, np.ones(16, "int32")], data, batch_size=16, verbose=0)
     assert np.abs(as64(bn.moving_mean)[1]).max() > 0
     np.testing.assert_array_equal(as64(bn.moving_mean)[0], np.zeros(FEATURES))
+
+
+def test_an_out_of_range_domain_in_a_compiled_predict(rng):
+    x, d = keras.Input((FEATURES,)), keras.Input((), dtype="int32")
+    model = keras.Model([x, d], BatchNorm(domains=2)(x, domain=d))
+    data = random_inputs(rng, (8, FEATURES))
+    bad = np.array([0, 1, 5, 1, 0, 0, 1, 1], "int32")
+    if BACKEND == "jax":
+        # A traced value cannot raise: NaN where the domain is out of range.
+        y = model.predict([data, bad], batch_size=8, verbose=0)
+        assert np.isnan(y[2]).all()
+        assert np.isfinite(np.delete(y, 2, axis=0)).all()
+    else:
+        with pytest.raises(Exception, match=r"must be in \[0, 2\)|domain=\[5\]"):
+            model.predict([data, bad], batch_size=8, verbose=0)
