@@ -1,0 +1,5 @@
+import sys
+
+from experiments.perils.main import main
+
+sys.exit(main())
