@@ -138,7 +138,8 @@ def merged_batches(samples, batch_size):
 
 def diagnose(trained, config, domains, seed):
     """`bn_keras.inspect_statistics` of every variant against the data its
-    population statistics should fit (`DIAGNOSIS_DATA`).
+    population statistics should fit (`DIAGNOSIS_DATA`); a per-domain
+    network's set of each domain (`domain=`) against that domain's data.
 
     Returns:
         `{variant: {data: report}}` of `StatisticsReport`s.
@@ -151,15 +152,18 @@ def diagnose(trained, config, domains, seed):
         models = pt.inference_models(layers, variant)
         reports[variant] = {}
         for data in DIAGNOSIS_DATA[variant]:
+            options = {}
             if data == MERGED_DATA:
                 model, (x, y) = models[pm.MNIST], merged_batches(samples, batch_size)
                 size = 2 * batch_size
             else:
                 model, (x, y) = models[data], samples[data]
                 size = batch_size
+                if layers.domains > 1:
+                    options["domain"] = pm.DOMAINS.index(data)
             with expected_retracing():
                 reports[variant][data] = bn_keras.inspect_statistics(
-                    model, x, y, batch_size=size, progress=False
+                    model, x, y, batch_size=size, progress=False, **options
                 )
     return reports
 

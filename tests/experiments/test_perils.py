@@ -213,6 +213,10 @@ def test_the_diagnosis_flags_the_shared_statistics(perils_run):
         # (d) is recomputed from the very examples it is compared with.
         assert not reports[pm.REPAIRED][domain]["stale"], domain
         assert reports[pm.REPAIRED][domain]["examples"] == 200
+        # A per-domain network is inspected one domain's set at a time.
+        for variant in pm.PER_DOMAIN_VARIANTS:
+            layers = reports[variant][domain]["layers"]
+            assert all(layer["unreached"] == 0 for layer in layers), variant
     assert set(diagnosis["tables"]) == set(pm.DOMAINS)
     assert all("STALE" in table for table in diagnosis["tables"].values())
     position = metrics["statistics_position"]
