@@ -5,6 +5,7 @@ before loading a `.keras` file that holds the layer.
 """
 
 from bn_keras import callbacks
+from bn_keras.adapt import Tent, adapt_statistics, restore_statistics
 from bn_keras.batch_norm import BatchNorm
 from bn_keras.convert import convert_batch_norms
 from bn_keras.diagnosis import LayerStatistics, StatisticsReport, inspect_statistics
@@ -19,14 +20,17 @@ __all__ = [
     "BatchNormLSTM",
     "LayerStatistics",
     "StatisticsReport",
+    "Tent",
     "TimestepBatchNorm",
     "__version__",
+    "adapt_statistics",
     "batch_norm_layers",
     "callbacks",
     "convert_batch_norms",
     "fold_batch_norms",
     "inspect_statistics",
     "recompute_statistics",
+    "restore_statistics",
     "set_statistics",
     "statistics_mode",
 ]

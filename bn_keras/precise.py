@@ -162,6 +162,18 @@ def recompute_statistics(
             stacklevel=2,
         )
     source, total_steps = _batches(data, batch_size, _model_inputs(model))
+    return _replace_statistics(
+        model, layers, source, total_steps, steps, progress, domain, "Precise BN"
+    )
+
+
+def _replace_statistics(
+    model, layers, source, total_steps, steps, progress, domain, desc, unfreeze=False
+):
+    """Measures `layers` on the batches of `source` and assigns the result.
+
+    Returns `{layer name: (mean, variance)}`; see `recompute_statistics`.
+    """
     totals = _measure(
         model,
         layers,
@@ -169,8 +181,9 @@ def recompute_statistics(
         total_steps,
         steps,
         progress=progress,
-        desc="precise BN",
+        desc=desc,
         domain=domain,
+        unfreeze=unfreeze,
     )
     for layer, total in zip(layers, totals, strict=True):
         if not total.reached.any():
@@ -190,7 +203,7 @@ def recompute_statistics(
             expected[domain] = True
         if not reached[expected].all():
             warnings.warn(
-                f"Precise BN: {int((expected & ~reached).sum())} of "
+                f"{desc}: {int((expected & ~reached).sum())} of "
                 f"{int(expected.sum())} population "
                 f"statistics of layer {layer.name!r} got no usable value from "
                 "`data` (features or timesteps it never reaches, or non-finite "
