@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 DOCS = Path(__file__).resolve().parents[2] / "docs"
-PAGES = ["steering.md", "debugging.md", "domains.md"]
+PAGES = ["steering.md", "debugging.md", "domains.md", "adaptation.md"]
 
 
 def python_blocks(page):
