@@ -18,6 +18,7 @@ import keras
 # Keras exports no name for functional models; clone_model tests this class too.
 from keras.src.models.functional import Functional
 
+from bn_keras import validation
 from bn_keras.batch_norm import BatchNorm
 from bn_keras.lstm import BatchNormLSTM
 from bn_keras.precise import batch_norm_layers
@@ -150,25 +151,7 @@ def _is_graph(layer):
 
 
 def _check_model(model):
-    if not isinstance(model, keras.Model):
-        raise ValueError(
-            "`convert_batch_norms` takes a Keras Sequential or functional "
-            f"model. Received: model={model!r}"
-        )
-    if isinstance(model, keras.Sequential):
-        if not model.built or model._functional is None:
-            raise ValueError(
-                f"The Sequential model '{model.name}' is not built: give it a "
-                "`keras.Input(shape=...)` first layer, or call it on data, "
-                "before converting its BN layers."
-            )
-    elif not isinstance(model, Functional):
-        raise ValueError(
-            "`convert_batch_norms` needs the layer graph of a Sequential or "
-            f"functional model; the subclassed model '{model.name}' (class "
-            f"{type(model).__name__}) hides it in `call`. Rebuild it with the "
-            "functional API to convert it."
-        )
+    validation.check_graph_model(model, "convert_batch_norms", "convert it")
 
 
 def _plan(model, direction):

@@ -17,9 +17,6 @@ from typing import NamedTuple
 import keras
 import numpy as np
 
-# Keras exports no name for functional models; clone_model tests this class too.
-from keras.src.models.functional import Functional
-
 from bn_keras import validation
 from bn_keras.batch_norm import BatchNorm
 
@@ -133,25 +130,7 @@ def fold_batch_norms(
 
 
 def _check_model(model):
-    if not isinstance(model, keras.Model):
-        raise ValueError(
-            "`fold_batch_norms` takes a Keras Sequential or functional model. "
-            f"Received: model={model!r}"
-        )
-    if isinstance(model, keras.Sequential):
-        if not model.built or model._functional is None:
-            raise ValueError(
-                f"The Sequential model '{model.name}' is not built: give it an "
-                "`keras.Input(shape=...)` first layer, or call it on data, "
-                "before folding."
-            )
-    elif not isinstance(model, Functional):
-        raise ValueError(
-            "`fold_batch_norms` needs the layer graph of a Sequential or "
-            f"functional model; the subclassed model '{model.name}' (class "
-            f"{type(model).__name__}) hides it in `call`. Rebuild it with the "
-            "functional API to fold it."
-        )
+    validation.check_graph_model(model, "fold_batch_norms", "fold it")
 
 
 def _fold_model(model, strict, domain):

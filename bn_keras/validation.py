@@ -1,4 +1,4 @@
-"""The layers' arguments, validated and converted: a `ValueError` quotes a bad value."""
+"""Arguments validated and converted: a `ValueError` quotes a bad value."""
 
 import math
 import operator
@@ -7,6 +7,9 @@ from typing import Any
 import keras
 import numpy as np
 from keras import initializers
+
+# Keras exports no name for functional models; clone_model tests this class too.
+from keras.src.models.functional import Functional
 
 RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
 
@@ -313,3 +316,31 @@ def keras_object(get: Any, value: Any, name: str) -> Any:
         return get(value)
     except (ValueError, TypeError) as error:
         raise ValueError(f"`{name}`: {error}. Received: {name}={value!r}") from None
+
+
+def check_graph_model(model: Any, function: str, action: str) -> None:
+    """A `ValueError` unless `model` is a built Sequential or functional model.
+
+    For the functions that rebuild a model's layer graph (`fold_batch_norms`,
+    `convert_batch_norms`): `function` is the function's name, `action` what
+    it does to the model ("fold it"), for the messages.
+    """
+    if not isinstance(model, keras.Model):
+        raise ValueError(
+            f"`{function}` takes a Keras Sequential or functional model. "
+            f"Received: model={model!r}"
+        )
+    if isinstance(model, keras.Sequential):
+        if not model.built or model._functional is None:
+            raise ValueError(
+                f"The Sequential model '{model.name}' is not built: give it a "
+                "`keras.Input(shape=...)` first layer, or call it on data, "
+                f"before you {action}."
+            )
+    elif not isinstance(model, Functional):
+        raise ValueError(
+            f"`{function}` needs the layer graph of a Sequential or functional "
+            f"model; the subclassed model '{model.name}' (class "
+            f"{type(model).__name__}) hides it in `call`. Rebuild it with the "
+            f"functional API to {action}."
+        )
