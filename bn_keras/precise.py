@@ -336,7 +336,9 @@ def _measure(
                     f"Batch {step} of `data` holds a NaN or inf; nothing was changed."
                 )
             with _writing_batch_statistics(layers, unfreeze, holders):
-                outputs, statistics = run(trainable, stand_ins, x)
+                with _counting_calls(layers) as calls:
+                    outputs, statistics = run(trainable, stand_ins, x)
+            _check_single_calls(layers, calls)
             examples = int(ops.shape(tree.flatten(x)[0])[0])
             for total, (mean, variance) in zip(totals, statistics, strict=True):
                 total.add(
@@ -477,6 +479,59 @@ def _check_domain(layers, domain, verb):
             "was changed."
         )
     return index
+
+
+@contextlib.contextmanager
+def _counting_calls(layers):
+    """Records the `domain` of each call of each layer (a list per layer).
+
+    The calls are made by Python once per trace of a compiled run (and on
+    every eager run): what one forward pass does.
+    """
+    calls = [[] for _ in layers]
+    originals = []
+    try:
+        for layer, seen in zip(layers, calls, strict=True):
+            original = layer.call
+
+            def call(*args, _original=original, _seen=seen, **kwargs):
+                _seen.append(kwargs.get("domain"))
+                return _original(*args, **kwargs)
+
+            originals.append((layer, "call" in vars(layer), original))
+            layer.call = call
+        yield calls
+    finally:
+        for layer, own, original in originals:
+            if own:
+                layer.call = original
+            else:
+                del layer.call
+
+
+def _check_single_calls(layers, calls):
+    """A `ValueError` for a layer that one forward pass calls more than once.
+
+    Each call overwrites the statistics the last one wrote, so only one
+    call's data would be measured: a shared layer of two towers would fit one
+    tower's data alone. Per-domain calls with distinct `domain` ints write
+    distinct sets, and are fine.
+    """
+    for layer, domains in zip(layers, calls, strict=True):
+        if len(domains) <= 1:
+            continue
+        ints = all(isinstance(d, int) for d in domains)
+        distinct = ints and len(set(domains)) == len(domains)
+        if getattr(layer, "domains", 1) > 1 and distinct:
+            continue
+        raise ValueError(
+            f"Layer {layer.name!r} is called {len(domains)} times in one forward "
+            "pass of the model (a layer shared by several branches or towers): "
+            "precise BN measures one batch of statistics per call, so it would "
+            "fit one call's data alone. Give each call its own set of "
+            "statistics (`BatchNorm(domains=n)`, with `domain=i` at call i), or "
+            "measure a model that calls the layer once. Nothing was changed."
+        )
 
 
 def _holders(model, layers):

@@ -196,3 +196,21 @@ def test_statistics_modes_frozen_layers_are_kept_batch_layers_measured(mode, rng
         )
     assert first.statistics == mode  # the mode is restored
     assert second.name in result
+
+
+@pytest.mark.parametrize("impl", ["bn_keras", "keras"])
+def test_a_layer_called_twice_in_one_pass_is_an_error_not_one_calls_statistics(
+    impl, rng
+):
+    """A BN shared by two towers: precise BN would fit one tower's data alone."""
+    bn = IMPLEMENTATIONS[impl]()
+    a, b = keras.Input((6,)), keras.Input((6,))
+    towers = keras.Model([a, b], [bn(a), bn(b)])
+    x_a = rng.normal(2.0, 1.0, (40, 6)).astype("float32")
+    x_b = rng.normal(-1.0, 1.0, (40, 6)).astype("float32")
+    before = _np(bn.moving_mean).copy()
+    for measure in (recompute_statistics, bn_keras.inspect_statistics):
+        with pytest.raises(ValueError, match="called 2 times in one forward pass"):
+            measure(towers, [x_a, x_b], batch_size=20, progress=False)
+    np.testing.assert_array_equal(_np(bn.moving_mean), before)
+    assert "call" not in vars(bn)  # the counting wrapper is gone
