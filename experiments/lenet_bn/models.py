@@ -1,8 +1,9 @@
 """LeNet with batch normalization (Dive into Deep Learning, section 7.5).
 
 The chapter's network: sigmoid LeNet on 28 x 28 images with a BN layer after
-every convolution and dense layer but the last. `build_lenet` makes it with
-one of `VERSIONS`' BN layers, or none (`PLAIN`, the baseline);
+every convolution and dense layer but the last. `build_lenet` (shared, in
+`experiments.common.lenet`) makes it with one of `VERSIONS`' BN layers
+(`batch_norm_factory`), or none (`PLAIN`, the baseline);
 `copy_initial_weights` gives every version the plain network's seeded
 convolution and dense weights. `ScratchBatchNorm` is the chapter's
 from-scratch layer rewritten with `keras.ops`; `batch_norm` is its maths.
@@ -18,7 +19,12 @@ import keras
 from keras import ops
 
 import bn_keras
-from experiments.common.data import IMAGE_SIZE, NUM_CLASSES
+
+# The network itself is shared with other experiments; this experiment's
+# modules and tests find it here too.
+from experiments.common.lenet import NORMALIZED as NORMALIZED
+from experiments.common.lenet import build_lenet as build_lenet
+from experiments.common.lenet import copy_initial_weights as copy_initial_weights
 from experiments.common.metrics import PLAIN
 
 # The versions, as the metrics file and the saved models name them.
@@ -32,8 +38,6 @@ LABELS = {
     KERAS: "keras.layers.BatchNormalization",
     PLAIN: "plain LeNet (no BN)",
 }
-# The layers that a BN layer follows, in order; the last dense layer has none.
-NORMALIZED = ("conv1", "conv2", "dense1", "dense2")
 
 
 def batch_norm(x, gamma, beta, moving_mean, moving_var, eps, momentum, training):
@@ -146,43 +150,6 @@ def batch_norm_factory(version: str, momentum: float, epsilon: float, **options)
             momentum=momentum, epsilon=epsilon, name=name
         )
     raise ValueError(f"unknown version {version!r}; choose one of {VERSIONS}")
-
-
-def build_lenet(batch_norm=None, name: str = "lenet") -> keras.Sequential:
-    """The chapter's LeNet on `(28, 28, 1)` images, with BN where `batch_norm` gives it.
-
-    `Conv2D(6, 5, same) -> [BN] -> sigmoid -> AvgPool(2) -> Conv2D(16, 5) ->
-    [BN] -> sigmoid -> AvgPool(2) -> Flatten -> Dense(120) -> [BN] -> sigmoid
-    -> Dense(84) -> [BN] -> sigmoid -> Dense(10)`, returning logits.
-
-    Args:
-        batch_norm: `batch_norm(name) -> layer`, or None for plain LeNet.
-        name: The model's name.
-    """
-    producers = {
-        "conv1": lambda: keras.layers.Conv2D(6, 5, padding="same", name="conv1"),
-        "conv2": lambda: keras.layers.Conv2D(16, 5, name="conv2"),
-        "dense1": lambda: keras.layers.Dense(120, name="dense1"),
-        "dense2": lambda: keras.layers.Dense(84, name="dense2"),
-    }
-    layers = [keras.Input((IMAGE_SIZE, IMAGE_SIZE, 1))]
-    for producer in NORMALIZED:
-        if producer == "dense1":
-            layers.append(keras.layers.Flatten(name="flatten"))
-        layers.append(producers[producer]())
-        if batch_norm is not None:
-            layers.append(batch_norm(f"{producer}_bn"))
-        layers.append(keras.layers.Activation("sigmoid", name=f"{producer}_sigmoid"))
-        if producer.startswith("conv"):
-            layers.append(keras.layers.AveragePooling2D(2, 2, name=f"{producer}_pool"))
-    layers.append(keras.layers.Dense(NUM_CLASSES, name="logits"))
-    return keras.Sequential(layers, name=name)
-
-
-def copy_initial_weights(source: keras.Model, target: keras.Model) -> None:
-    """Gives `target` the convolution and dense weights of `source`, by name."""
-    for layer in (*NORMALIZED, "logits"):
-        target.get_layer(layer).set_weights(source.get_layer(layer).get_weights())
 
 
 def first_batch_norm(model: keras.Model) -> keras.layers.Layer:

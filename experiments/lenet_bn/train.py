@@ -2,12 +2,12 @@
 
 Data flows one way: `train_versions` trains every version of `models`
 from the same initial weights on the same mini-batches (`fit_epochs`: one
-`model.fit` over `EpochBatches`), recording per epoch the training loss and
-accuracy (averaged over the epoch in training mode, as the chapter reports
-them), the test accuracy and the training throughput. For the `bn_keras`
-version it also tests, at each epoch's end, the same weights with other
-population statistics (`STATISTICS`): evaluating them is cheap, training
-another network is not.
+`model.fit` over `EpochBatches`, from `experiments.common.lenet`),
+recording per epoch the training loss and accuracy (averaged over the
+epoch in training mode, as the chapter reports them), the test accuracy
+and the training throughput. For the `bn_keras` version it also tests, at
+each epoch's end, the same weights with other population statistics
+(`STATISTICS`): evaluating them is cheap, training another network is not.
 `fold_check` folds the trained BN networks and compares predictions and
 inference speed.
 """
@@ -15,13 +15,20 @@ inference speed.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 
 import keras
 import numpy as np
 from tqdm.auto import tqdm
 
 import bn_keras
+
+# LeNet's training is shared with other experiments; this experiment's
+# modules and tests find it here too.
+from experiments.common.lenet import EpochBatches as EpochBatches
+from experiments.common.lenet import compile_lenet as compile_lenet
+from experiments.common.lenet import epoch_orders as epoch_orders
+from experiments.common.lenet import fit_epochs as fit_epochs
+from experiments.common.lenet import images as images
 from experiments.common.metrics import BATCH_STATS, DEBIASED_EMA, EMA, PRECISE
 from experiments.common.quiet import expected_retracing
 from experiments.lenet_bn import models as lm
@@ -32,11 +39,6 @@ from experiments.lenet_bn import models as lm
 # epoch (precise BN), and each test batch's own statistics (no estimate).
 STATISTICS = (EMA, DEBIASED_EMA, PRECISE, BATCH_STATS)
 EVAL_BATCH = 1000
-
-
-def images(x: np.ndarray) -> np.ndarray:
-    """Flat 784-pixel rows as `(N, 28, 28, 1)` images."""
-    return x.reshape(-1, 28, 28, 1)
 
 
 def build_versions(config: dict) -> dict:
@@ -53,74 +55,6 @@ def build_versions(config: dict) -> dict:
     for model in models.values():
         compile_lenet(model, config)
     return {version: models[version] for version in lm.VERSIONS}
-
-
-def compile_lenet(model, config: dict, **optimizer_options) -> None:
-    """The chapter's training: SGD at `learning_rate` (with `optimizer_options`,
-    e.g. `use_ema=True`), softmax cross-entropy on the logits, accuracy."""
-    model.compile(
-        optimizer=keras.optimizers.SGD(config["learning_rate"], **optimizer_options),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=["accuracy"],
-    )
-
-
-def epoch_orders(num_examples: int, seed: int) -> Iterator[np.ndarray]:
-    """The order of the training examples in each epoch, the same for every
-    network: drawn one epoch at a time, as long as they are asked for, never
-    all the run's up front."""
-    rng = np.random.default_rng([seed, 1])
-    while True:
-        yield rng.permutation(num_examples)
-
-
-class EpochBatches(keras.utils.PyDataset):
-    """The training mini-batches of every epoch, one endless sequence for `fit`.
-
-    Batch `i` is batch `i % steps_per_epoch` of epoch `i // steps_per_epoch`
-    in `epoch_orders`' order for that epoch (the last batch of an epoch may be
-    smaller), so what `fit` trains on depends on the step alone: not on when
-    Keras' prefetching reads ahead, nor on the callbacks. An epoch's order is
-    drawn when its first batch is read.
-    """
-
-    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, seed: int):
-        super().__init__()
-        self.x, self.y, self.batch_size = x, y, batch_size
-        self.steps_per_epoch = -(-len(x) // batch_size)
-        self._orders = epoch_orders(len(x), seed)
-        self._epoch, self._order = -1, None
-
-    @property
-    def num_batches(self):
-        return None  # endless: `fit` is given `steps_per_epoch`
-
-    def __getitem__(self, index):
-        epoch, step = divmod(index, self.steps_per_epoch)
-        while self._epoch < epoch:
-            self._order, self._epoch = next(self._orders), self._epoch + 1
-        if epoch != self._epoch:
-            raise IndexError(
-                f"batch {index} is of epoch {epoch + 1}, already past: the "
-                f"batches are read in order (now at epoch {self._epoch + 1})"
-            )
-        chosen = self._order[step * self.batch_size : (step + 1) * self.batch_size]
-        return self.x[chosen], self.y[chosen]
-
-
-def fit_epochs(model, x, y, config: dict, callbacks=()) -> None:
-    """Trains `model` for `config["epochs"]` epochs of `EpochBatches`, in one
-    `fit` (so that callbacks see the whole training, and an optimizer with
-    `use_ema=True` swaps in its averages once, at the end)."""
-    batches = EpochBatches(x, y, config["batch_size"], config["seed"])
-    model.fit(
-        batches,
-        epochs=config["epochs"],
-        steps_per_epoch=batches.steps_per_epoch,
-        shuffle=False,
-        verbose=0,
-        callbacks=list(callbacks),
-    )
 
 
 def accuracy(model, x, y, training: bool = False) -> float:
