@@ -1,0 +1,5 @@
+import sys
+
+from experiments.shift.main import main
+
+sys.exit(main())
