@@ -14,6 +14,7 @@ from experiments.common.config import (
 )
 from experiments.common.shifts import SEVERITIES, SHIFTS
 
+SOURCE_STATISTICS = ("precise", "ema")
 # MNIST's test set.
 MNIST_TEST_IMAGES = 10_000
 
@@ -38,6 +39,12 @@ DEFAULTS = {
     "epochs": 10,
     "bn_momentum": 0.9,
     "bn_epsilon": 1e-5,
+    # The source model's statistics after training: "precise" recomputes
+    # them exactly from the training images used (bn_keras.
+    # recompute_statistics, as AdaBN recomputes them from the shifted ones,
+    # so that the two differ only in the data), "ema" keeps the moving
+    # averages, which lag the weights in a short training (lenet_bn).
+    "source_statistics": "precise",
     # The test settings: every shift of experiments.common.shifts at these
     # severities (1 mild .. 5 severe), and the UCI digits (scikit-learn's,
     # in MNIST's frame); each on the test images used (test_examples; the
@@ -131,5 +138,6 @@ def validate(config):
 SCHEMA = Schema(
     defaults=DEFAULTS,
     configs_dir=Path(__file__).parent / "configs",
+    choices={"source_statistics": SOURCE_STATISTICS},
     validate=validate,
 )

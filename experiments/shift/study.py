@@ -26,7 +26,9 @@ def source_model(config: dict, data, seed: int):
     """`(model, seconds)`: the source model of `seed` and its training time.
 
     LeNet-BN with `bn_keras.BatchNorm` trained as experiments/lenet_bn trains
-    it (SGD at `learning_rate`, `epochs` of `batch_size`, from `seed`), or the
+    it (SGD at `learning_rate`, `epochs` of `batch_size`, from `seed`), its
+    statistics then recomputed from the training images
+    (`source_statistics="precise"`) or left as trained (`"ema"`); or the
     model saved at `config["source_model"]` (Keras' own BN layers converted to
     `bn_keras.BatchNorm`), trained on nothing here (0 seconds).
     """
@@ -53,6 +55,13 @@ def source_model(config: dict, data, seed: int):
         data.y_train,
         {**config, "seed": seed},
     )
+    if config["source_statistics"] == "precise":
+        bn_keras.recompute_statistics(
+            model,
+            lenet.images(data.x_train),
+            batch_size=config["batch_size"],
+            progress=False,
+        )
     return model, time.perf_counter() - begin
 
 
