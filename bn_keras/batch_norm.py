@@ -489,6 +489,8 @@ class BatchNorm(keras.layers.Layer):
         # Before Keras' own conversion to the layer's dtype, which would drop
         # the imaginary part of a complex input.
         validation.check_real_input(args[0] if args else kwargs.get("inputs"))
+        # Before JAX's conversion of an int64 array to int32 too.
+        domains.check_array(kwargs.get("domain"), self.domains, self.name)
         return super().__call__(*args, **kwargs)
 
     def call(self, inputs, training=None, mask=None, domain=None):

@@ -89,12 +89,16 @@ def resolve(domain, domains, layer_name, x):
             f"example, of shape (batch,) or (batch, 1). Received: a tensor of "
             f"shape {tuple(domain.shape)}"
         )
+    if rank == 1:
+        x = _check_length(domain, x, layer_name)
+    # Checked in the tensor's own dtype: a cast to int32 first would wrap an
+    # int64 domain of 2**32 + 1 to a valid 1.
+    valid = ops.logical_and(domain >= 0, domain < domains)
     index = ops.cast(domain, "int32")
-    valid = ops.logical_and(index >= 0, index < domains)
     concrete = _concrete(valid)
     if concrete is not None:
         if not concrete.all():
-            bad = np.asarray(ops.convert_to_numpy(index))[~concrete]
+            bad = np.asarray(ops.convert_to_numpy(domain))[~concrete]
             raise ValueError(_message(layer_name, domains, bad.tolist()))
     else:
         x = checks.require(
@@ -105,6 +109,42 @@ def resolve(domain, domains, layer_name, x):
         )
     index = ops.clip(index, 0, domains - 1)
     return x, Domain(index, valid, per_example=rank == 1)
+
+
+def check_array(domain, domains, layer_name):
+    """Checks a NumPy `domain` before Keras converts it for the backend.
+
+    JAX without 64-bit mode converts an int64 array to int32, wrapping
+    `2**32 + 1` to a valid 1 before `call` sees it.
+    """
+    if isinstance(domain, np.ndarray) and np.issubdtype(domain.dtype, np.integer):
+        bad = domain[(domain < 0) | (domain >= domains)]
+        if bad.size:
+            raise ValueError(_message(layer_name, domains, bad.tolist()))
+
+
+def _check_length(domain, x, layer_name):
+    """`x`, checked to have one example per entry of the `(batch,)` `domain`.
+
+    Another length would broadcast: a batch of one example with three
+    domains would give three outputs.
+    """
+
+    message = (
+        f"The `domain` of {layer_name} must have one entry per example, as "
+        "many as the input has examples (pass a scalar for one domain for "
+        "the whole batch)."
+    )
+    examples, entries = x.shape[0], domain.shape[0]
+    if examples is not None and entries is not None:
+        if examples != entries:
+            raise ValueError(
+                f"{message} Received: an input of shape {tuple(x.shape)} and a "
+                f"domain of shape {tuple(domain.shape)}"
+            )
+        return x
+    # A plain string: XLA compiles no string formatting of run-time shapes.
+    return checks.require(ops.shape(x)[0] == ops.shape(domain)[0], message, x)
 
 
 def for_training(domain, layer_name, x):

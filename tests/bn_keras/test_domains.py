@@ -379,3 +379,26 @@ def test_an_out_of_range_domain_in_a_compiled_predict(rng):
     else:
         with pytest.raises(Exception, match=r"must be in \[0, 2\)|domain=\[5\]"):
             model.predict([data, bad], batch_size=8, verbose=0)
+
+
+def test_an_int64_domain_past_the_int32_range_is_refused(rng):
+    # A cast to int32 before the check wrapped 2**32 + 1 to a valid 1.
+    layer = BatchNorm(domains=2)
+    x = random_inputs(rng, (2, FEATURES))
+    with pytest.raises(ValueError, match=r"Received: domain=\[4294967297\]"):
+        layer(x, domain=np.array([0, 2**32 + 1], "int64"))
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_a_domain_of_another_length_than_the_batch_is_refused(training, rng):
+    # One example with three domains broadcast to three outputs.
+    layer = BatchNorm(domains=3)
+    with pytest.raises(ValueError, match=r"one entry per example.*\(1, 4\).*\(3,\)"):
+        layer(
+            random_inputs(rng, (1, FEATURES)),
+            training=training,
+            domain=np.array([0, 1, 2], "int32"),
+        )
+    with pytest.raises(ValueError, match="one entry per example"):
+        layer(random_inputs(rng, (6, FEATURES)), domain=np.array([1], "int32"))
+    np.testing.assert_array_equal(as64(layer.moving_mean), np.zeros((3, FEATURES)))
