@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import keras
@@ -194,6 +195,13 @@ class Tent:
       batch too).
     - Keras' own BN layers have no modes: a `ValueError` names
       `bn_keras.convert_batch_norms`.
+    - Outputs that do not fit `from_logits` (probabilities with
+      `from_logits=True`, logits with `False`), or fewer than 2 classes on
+      the last axis, are a `ValueError` at the first batch, before anything
+      is adapted: the step would lower another quantity.
+    - One `Tent` per model at a time: a second one on BN layers that an
+      open `Tent` adapts is a `ValueError` (it would take the adapted model
+      for the source one).
     - An interrupt during `predict` leaves gamma and beta partly adapted:
       `reset()` or `restore()` undo it.
     - Dropout and other training-mode layers are active in the adaptation
@@ -237,7 +245,23 @@ class Tent:
                 f"Tent needs a built Keras model. Received: model={model!r}"
             )
         layers = modes._check(model)
+        open_tents = [
+            layer.name
+            for layer in layers
+            if getattr(layer, "_tent", None) is not None
+            and layer._tent() is not None
+            and not layer._tent()._restored
+        ]
+        if open_tents:
+            # A second Tent would take the first one's adapted gamma, beta
+            # and "batch" mode for the source model, and restore those.
+            raise ValueError(
+                f"The BN layers {open_tents} of model {model.name!r} are already "
+                "adapted by an open Tent: `restore()` it (or leave its `with` "
+                "block) before creating another. Nothing was changed."
+            )
         self.model = model
+        self._layers = layers
         self._parameters = [
             variable
             for layer in layers
@@ -262,6 +286,8 @@ class Tent:
             np.array(ops.convert_to_numpy(v)) for v in self._optimizer.variables
         ]
         self._restored = False
+        for layer in layers:
+            layer._tent = weakref.ref(self)
 
     def _entropy(self, y_true, y_pred):
         del y_true  # unlabeled
@@ -291,10 +317,48 @@ class Tent:
         if self.episodic:
             self.reset()
         dummy = np.zeros((examples,), "float32")
-        for _ in range(self.steps):
+        for step in range(self.steps):
             outputs = self._wrapper.predict_on_batch(x)
+            if step == 0:
+                self._check_outputs(outputs)
             self._wrapper.train_on_batch(x, dummy)
         return outputs
+
+    def _check_outputs(self, outputs):
+        """Refuses outputs whose entropy is not what `from_logits` says.
+
+        Otherwise the step would lower another quantity, silently: the
+        entropy of a softmax of probabilities, or of one score (always 0).
+        """
+        values = tree.flatten(outputs)
+        shape = tuple(ops.shape(values[0])) if len(values) == 1 else None
+        if shape is None or len(shape) < 2 or shape[-1] < 2:
+            raise ValueError(
+                "Tent lowers the entropy of the model's class scores, one "
+                "output with 2 or more classes on its last axis. Received: "
+                f"outputs of shape {shape if shape else len(values)}. Nothing "
+                "was adapted."
+            )
+        p = np.asarray(ops.convert_to_numpy(values[0]), "float64")
+        probabilities = (
+            p.min() >= 0.0 and p.max() <= 1.0 and np.allclose(p.sum(-1), 1.0, atol=1e-3)
+        )
+        if self.from_logits and probabilities:
+            raise ValueError(
+                "The model's outputs are probabilities (in [0, 1], summing to "
+                "1: a final softmax), but Tent was created with "
+                "`from_logits=True`. Pass `from_logits=False`. Nothing was "
+                "adapted."
+            )
+        if not self.from_logits and not (
+            p.min() >= 0.0 and np.allclose(p.sum(-1), 1.0, atol=1e-2)
+        ):
+            raise ValueError(
+                "Tent was created with `from_logits=False`, but the model's "
+                "outputs are not probabilities (not in [0, 1], or not summing "
+                "to 1 over the last axis): pass `from_logits=True` for logits. "
+                "Nothing was adapted."
+            )
 
     def predict(self, x: Any, batch_size: int = 32) -> np.ndarray:
         """Adapts on each batch of the arrays `x` in order; returns the predictions.
@@ -346,6 +410,8 @@ class Tent:
         modes._restore(self.model, self._modes)
         for variable, flag in self._flags:
             variable.trainable = flag
+        for layer in self._layers:
+            layer._tent = None
         self._restored = True
 
     def _check_open(self):

@@ -228,3 +228,53 @@ def test_tent_bad_arguments(kwargs, rng):
         Tent(model, **kwargs)
     with pytest.raises(ValueError, match="built"):
         Tent(keras.Sequential([BatchNorm()]))
+
+
+def test_a_second_tent_on_an_open_one_is_refused(rng):
+    # It took the first one's adapted gamma, beta and "batch" mode for the
+    # source model: restoring both in creation order left the model adapted.
+    model = _model()
+    before = _values(model)
+    shifted = _target(rng, 8)
+    first = Tent(model, optimizer=keras.optimizers.SGD(0.5))
+    first(shifted)
+    with pytest.raises(ValueError, match="already adapted by an open Tent"):
+        Tent(model)
+    first.restore()
+    _assert_same(before, model)
+    with Tent(model) as second:
+        second(shifted)
+    _assert_same(before, model)
+    assert model.get_layer("bn").statistics == "update"
+
+
+def _with_head(activation, units=3):
+    return keras.Sequential(
+        [
+            keras.Input((FEATURES,)),
+            keras.layers.Dense(8),
+            BatchNorm(name="bn"),
+            keras.layers.Dense(units, activation=activation),
+        ]
+    )
+
+
+@pytest.mark.parametrize(
+    "activation, units, from_logits, match",
+    [
+        ("softmax", 3, True, "from_logits=False"),
+        (None, 3, False, "from_logits=True"),
+        (None, 1, True, "2 or more classes"),
+    ],
+)
+def test_tent_refuses_outputs_that_do_not_fit_from_logits(
+    activation, units, from_logits, match, rng
+):
+    # The step lowered another quantity: the entropy of a softmax of
+    # probabilities, or of a single score (always 0, nothing adapted).
+    model = _with_head(activation, units)
+    before = _values(model)
+    with Tent(model, from_logits=from_logits) as tent:
+        with pytest.raises(ValueError, match=match):
+            tent(_target(rng, 8))
+        _assert_same(before, model)
