@@ -159,8 +159,9 @@ def single_value_message(
             f"axes {tuple(reduction_axes)}): that mode normalizes every batch "
             "with the statistics of the batch itself, in predict() and "
             "evaluate() too, and every output would equal beta. Use batches of "
-            "more than one example (65 examples in batches of 64 leave a last "
-            "batch of one: pick a batch size that leaves none), or run such a "
+            "more than one example (mind the last batch: for example, 65 "
+            "examples in batches of 64 leave one; pick a batch size that "
+            "leaves none), or run such a "
             "batch in another mode: `bn_keras.statistics_mode(model, mode)`."
         )
     return (

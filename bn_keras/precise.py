@@ -229,6 +229,12 @@ def _validated(model, batch_size, steps, verb):
     """`(batch_size, steps, BN layers of model)`, checked; `verb` names the work."""
     if batch_size is not None:
         batch_size = validate_positive_int(batch_size, "batch_size")
+        if batch_size == 1:
+            raise ValueError(
+                f"Cannot {verb} batch statistics from batches of one example: "
+                "a single value per feature has no spread. Use the training "
+                "batch size. Received: batch_size=1"
+            )
     if steps is not None:
         steps = validate_positive_int(steps, "steps")
     layers = batch_norm_layers(model)

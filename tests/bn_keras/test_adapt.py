@@ -278,3 +278,16 @@ def test_tent_refuses_outputs_that_do_not_fit_from_logits(
         with pytest.raises(ValueError, match=match):
             tent(_target(rng, 8))
         _assert_same(before, model)
+
+
+def test_batches_of_one_are_refused_up_front(rng):
+    model = _model()
+    before = _values(model)
+    for measure in (
+        adapt_statistics,
+        bn_keras.recompute_statistics,
+        bn_keras.inspect_statistics,
+    ):
+        with pytest.raises(ValueError, match="batches of one example"):
+            measure(model, _target(rng, 8), batch_size=1, progress=False)
+    _assert_same(before, model)
