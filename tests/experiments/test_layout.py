@@ -11,7 +11,15 @@ import pytest
 
 from tests.experiments.helpers import EXPERIMENTS, EXPERIMENTS_DIR, ROOT
 
-KNOWN = {"mnist_mlp", "population_study", "lr_sweep", "lenet_bn", "sequential_mnist"}
+KNOWN = {
+    "mnist_mlp",
+    "population_study",
+    "lr_sweep",
+    "lenet_bn",
+    "sequential_mnist",
+    "perils",
+    "shift",
+}
 REQUIRED = ("__init__.py", "__main__.py", "main.py", "config.py", "configs/smoke.toml")
 TESTS_DIR = ROOT / "tests" / "experiments"
 # What a test module of the experiments may import from tests/: the shared
