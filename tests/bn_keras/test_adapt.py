@@ -291,3 +291,29 @@ def test_batches_of_one_are_refused_up_front(rng):
         with pytest.raises(ValueError, match="batches of one example"):
             measure(model, _target(rng, 8), batch_size=1, progress=False)
     _assert_same(before, model)
+
+
+def test_an_interrupt_in_the_middle_of_adaptation_can_be_undone(rng):
+    model = _trained(rng)
+    before = _values(model)
+    shifted = _target(rng, 96)
+    tent = Tent(model, optimizer=keras.optimizers.SGD(0.5))
+    original = tent._wrapper.train_on_batch
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    tent._wrapper.train_on_batch = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        tent.predict(shifted, batch_size=32)
+    bn = model.get_layer("bn")
+    assert np.abs(as64(bn.gamma) - before[f"{bn.path}/gamma"]).max() > 0
+    tent.reset()
+    _assert_same(before, model)
+    tent.restore()
+    _assert_same(before, model)
+    assert bn.statistics == "update"
