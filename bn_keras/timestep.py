@@ -21,9 +21,9 @@ from typing import Any
 import keras
 from keras import ops
 
-from bn_keras import checks, statistics, validation
+from bn_keras import checks, domains, statistics, validation
 from bn_keras.batch_norm import BatchNorm
-from bn_keras.moments import Moments
+from bn_keras.moments import Moments, normalize_broadcast
 
 # The axis of `(batch, time, ..., features)` inputs that holds the timesteps.
 TIME_AXIS = 1
@@ -94,7 +94,8 @@ class TimestepBatchNorm(BatchNorm):
         **kwargs: `BatchNorm`'s arguments (`momentum`, `epsilon`, `center`,
             `scale`, initializers, regularizers, constraints, `debias`,
             `unbiased_variance`, `virtual_batch_size`, `synchronized`,
-            `statistics`) and
+            `statistics`, `domains` (statistics of shape `(domains,
+            max_timesteps, features...)`, and a `domain` call argument)) and
             the base layer's (`name`, `dtype`, ...).
 
     Call arguments:
@@ -117,12 +118,6 @@ class TimestepBatchNorm(BatchNorm):
     def __init__(
         self, max_timesteps: int, axis: int | tuple[int, ...] = -1, **kwargs: Any
     ) -> None:
-        if kwargs.get("domains", 1) != 1:
-            raise ValueError(
-                "TimestepBatchNorm keeps one set of per-timestep statistics; "
-                "per-domain statistics (`domains`) are BatchNorm's only. "
-                f"Received: domains={kwargs['domains']!r}"
-            )
         if kwargs.get("renorm"):
             raise ValueError(
                 "TimestepBatchNorm does not support batch renormalization. "
@@ -159,7 +154,7 @@ class TimestepBatchNorm(BatchNorm):
         return (self.max_timesteps,) + tuple(param_shape)
 
     def _counter_shape(self):
-        return (self.max_timesteps,) + (1,) * len(self._param_shape)
+        return self._per_domain((self.max_timesteps,) + (1,) * len(self._param_shape))
 
     def _batch_statistics(self, batch_moments, ghosts):
         # One row per timestep of the batch, then one per slot: timesteps
@@ -173,7 +168,9 @@ class TimestepBatchNorm(BatchNorm):
         steps = ops.shape(mean)[0]
         slots = ops.arange(self.max_timesteps, dtype="int32")
         index = ops.minimum(slots, steps - 1)
-        reached = ops.reshape(slots < steps, self._counter_shape())
+        reached = ops.reshape(
+            slots < steps, (self.max_timesteps,) + (1,) * len(self._param_shape)
+        )
         ok = ops.logical_and(ops.take(ok, index, axis=0), reached)
         return ops.take(mean, index, axis=0), ops.take(variance, index, axis=0), ok
 
@@ -189,6 +186,43 @@ class TimestepBatchNorm(BatchNorm):
             ops.reshape(ops.cast(variance, x.dtype), shape),
         )
 
+    def _domain_inference_call(self, x, domain):
+        # Each example's domain set (batch, max_timesteps, features...) or
+        # the one set, then its timesteps' slots, against x.
+        index = _clamped_steps(ops.shape(x)[TIME_AXIS], self.max_timesteps)
+        axis = 1 if domain.per_example else 0
+        rank = len(x.shape)
+
+        def rows(variable):
+            values = ops.take(domains.select(variable, domain, x.dtype), index, axis)
+            shape = [1] * rank
+            if domain.per_example:
+                shape[0], shape[TIME_AXIS] = -1, ops.shape(x)[TIME_AXIS]
+            else:
+                shape[TIME_AXIS] = -1
+            for a, size in zip(self._axes, self._param_shape, strict=True):
+                shape[a] = size
+            return ops.reshape(values, shape)
+
+        def parameter(variable):
+            if variable is None:
+                return None
+            if not self.per_domain_parameters:
+                return ops.reshape(ops.cast(variable, x.dtype), self._broadcast_shape)
+            values = domains.select(variable, domain, x.dtype)
+            if domain.per_example:
+                return ops.reshape(values, (-1,) + self._broadcast_shape[1:])
+            return ops.reshape(values, self._broadcast_shape)
+
+        return normalize_broadcast(
+            x,
+            rows(self.moving_mean),
+            rows(self.moving_variance),
+            parameter(self.gamma),
+            parameter(self.beta),
+            self.epsilon,
+        )
+
     def population_statistics_at(self, steps: Any) -> tuple[Any, Any]:
         """The population `(mean, variance)` of timesteps `0 .. steps - 1`.
 
@@ -199,7 +233,16 @@ class TimestepBatchNorm(BatchNorm):
             `(mean, variance)`, each of shape `(steps, features...)`;
                 timesteps from `max_timesteps` on get the statistics of the last
                 slot.
+
+        Raises:
+            ValueError: With `domains > 1`, whose statistics have a set per
+                domain.
         """
+        if self.domains > 1:
+            raise ValueError(
+                f"{self.name} keeps {self.domains} sets of statistics; call the "
+                "layer with `domain=` instead."
+            )
         index = _clamped_steps(steps, self.max_timesteps)
         return (
             ops.take(self.moving_mean, index, axis=0),
@@ -228,13 +271,14 @@ class TimestepBatchNorm(BatchNorm):
         for i, variable in enumerate(variables):
             if variable is self.moving_mean and str(i) in store:
                 saved = tuple(store[str(i)].shape)
-                if saved and saved[0] != self.max_timesteps:
+                slot_axis = 1 if self.domains > 1 else 0
+                if len(saved) > slot_axis and saved[slot_axis] != self.max_timesteps:
                     raise ValueError(
                         f"The population statistics of {self.name} were saved "
-                        f"with max_timesteps={saved[0]} (moving_mean of shape "
-                        f"{saved}); this layer has "
+                        f"with max_timesteps={saved[slot_axis]} (moving_mean of "
+                        f"shape {saved}); this layer has "
                         f"max_timesteps={self.max_timesteps}. Build it with "
-                        f"max_timesteps={saved[0]} to load them."
+                        f"max_timesteps={saved[slot_axis]} to load them."
                     )
         super().load_own_variables(store)
 

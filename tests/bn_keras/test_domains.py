@@ -175,8 +175,6 @@ def test_options_that_do_not_combine(kwargs, match):
         pytest.skip("fused=True is refused on its own off TensorFlow")
     with pytest.raises(ValueError, match=match):
         BatchNorm(domains=2, **kwargs)
-    with pytest.raises(ValueError, match="domains"):
-        bn_keras.TimestepBatchNorm(4, domains=2)
 
 
 @pytest.mark.parametrize(
@@ -402,3 +400,36 @@ def test_a_domain_of_another_length_than_the_batch_is_refused(training, rng):
     with pytest.raises(ValueError, match="one entry per example"):
         layer(random_inputs(rng, (6, FEATURES)), domain=np.array([1], "int32"))
     np.testing.assert_array_equal(as64(layer.moving_mean), np.zeros((3, FEATURES)))
+
+
+@pytest.mark.parametrize("options", ["ema", "cumulative"])
+def test_timestep_batch_norm_keeps_per_timestep_statistics_per_domain(options, rng):
+    """Each domain's (timesteps, features) set is that of a layer of its own."""
+    a = random_inputs(rng, (8, 5, 3), loc=2.0)  # beyond max_timesteps=4
+    b = random_inputs(rng, (8, 3, 3), loc=-1.0)  # short of it
+    layer = bn_keras.TimestepBatchNorm(4, domains=2, **OPTIONS[options])
+    alone = [bn_keras.TimestepBatchNorm(4, **OPTIONS[options]) for _ in range(2)]
+    for _ in range(2):
+        layer(a, training=True, domain=0)
+        alone[0](a, training=True)
+        layer(b, training=True, domain=1)
+        alone[1](b, training=True)
+    assert tuple(layer.moving_mean.shape) == (2, 4, 3)
+    for d in range(2):
+        np.testing.assert_allclose(
+            as64(layer.moving_mean)[d], as64(alone[d].moving_mean), **F32
+        )
+        np.testing.assert_allclose(
+            as64(layer.moving_variance)[d], as64(alone[d].moving_variance), **F32
+        )
+        if layer.num_batches is not None:
+            np.testing.assert_array_equal(
+                as64(layer.num_batches)[d], as64(alone[d].num_batches)
+            )
+    for d, x in ((0, a), (1, b)):
+        np.testing.assert_allclose(as64(layer(x, domain=d)), as64(alone[d](x)), **F32)
+    per_example = np.array([0, 1, 1, 0], "int32")
+    x = a[:4]
+    y = as64(layer(x, domain=keras.ops.convert_to_tensor(per_example)))
+    for i, d in enumerate(per_example):
+        np.testing.assert_allclose(y[i : i + 1], as64(alone[d](x[i : i + 1])), **F32)
