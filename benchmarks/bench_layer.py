@@ -48,7 +48,7 @@ SHAPES = {
 class UnguardedBatchNorm(BatchNorm):
     """Ours with Keras' unguarded update rule: the baseline for the guards' cost."""
 
-    def _update_statistics(self, batch_moments, ghosts):
+    def _update_statistics(self, batch_moments, ghosts, domain=None):
         mean = ops.reshape(batch_moments.mean + batch_moments.shift, self._param_shape)
         variance = ops.reshape(batch_moments.variance, self._param_shape)
         m = self.momentum

@@ -11,6 +11,7 @@ from keras import constraints, initializers, ops, regularizers
 from bn_keras import (
     checks,
     domains,
+    kernels,
     masking,
     renorm,
     statistics,
@@ -477,9 +478,10 @@ class BatchNorm(keras.layers.Layer):
         statistics vary along other axes returns them with the rank of `x`,
         broadcastable against it.
         """
+        dtype = keras.backend.standardize_dtype(x.dtype)
         return (
-            ops.cast(self.moving_mean, x.dtype),
-            ops.cast(self.moving_variance, x.dtype),
+            kernels.cast(self.moving_mean, dtype),
+            kernels.cast(self.moving_variance, dtype),
         )
 
     def compute_output_shape(self, input_shape):
@@ -497,7 +499,9 @@ class BatchNorm(keras.layers.Layer):
         # At least float32 (as Keras), float64 kept: written out because
         # Keras' torch backend promotes float64 with float32 to float32.
         float64 = keras.backend.standardize_dtype(inputs.dtype) == "float64"
-        x = self._check_features(ops.cast(inputs, "float64" if float64 else "float32"))
+        x = self._check_features(
+            kernels.cast(inputs, "float64" if float64 else "float32")
+        )
         if mask is not None:
             # Validated in inference too: a wrong mask is a bug either way.
             mask = masking.broadcast_mask(mask, x)
@@ -514,7 +518,7 @@ class BatchNorm(keras.layers.Layer):
         else:
             # "frozen" in training too: gamma and beta get their gradients.
             outputs = self._inference_call(x, domain)
-        return ops.cast(outputs, self.compute_dtype)
+        return kernels.cast(outputs, self.compute_dtype)
 
     def _check_features(self, x):
         """`x`, checked to have the feature sizes the layer was built for.
@@ -541,7 +545,7 @@ class BatchNorm(keras.layers.Layer):
             return self._domain_inference_call(x, domain)
         mean, variance = self._population_statistics(x)
         if fused_kernel.in_inference(self._fused, x):
-            return fused_kernel.inference(
+            outputs = fused_kernel.inference(
                 x,
                 self._fused.data_format,
                 mean,
@@ -550,6 +554,8 @@ class BatchNorm(keras.layers.Layer):
                 self._parameter(self.beta, x.dtype),
                 self.epsilon,
             )
+            if outputs is not None:
+                return outputs
         if len(mean.shape) == len(self._param_shape):
             return normalize(
                 x,
@@ -716,7 +722,7 @@ class BatchNorm(keras.layers.Layer):
             return None
         if self.per_domain_parameters and domain is not None:
             variable = domains.select(variable, domain, dtype)
-        variable = ops.cast(variable, dtype)
+        variable = kernels.cast(variable, keras.backend.standardize_dtype(dtype))
         if broadcast_shape is None:
             return variable
         return ops.reshape(variable, broadcast_shape)

@@ -1,32 +1,50 @@
-"""TensorFlow's fused batch-norm kernel: where `BatchNorm` uses it, and how.
+"""The backends' own batch-norm kernels: where `BatchNorm` uses them, and how.
 
-`FusedBatchNormV3` normalizes a 4-D tensor over every axis but the channels
-in one kernel, forward and backward (tf-keras' `fused=True`). It applies to
+Two backends have one kernel that normalizes over every axis but the
+channels, forward and backward:
+
+- TensorFlow's `FusedBatchNormV3` (tf-keras' `fused=True`), on 4-D
+  tensors;
+- torch's `native_batch_norm` (what `torch.nn.BatchNorm2d` runs, cuDNN's on
+  a GPU), on `(batch, channels, ...)` tensors.
+
+JAX has none: XLA fuses the layer's own operations. A kernel applies to
 `BatchNorm` when:
 
-- the backend is TensorFlow;
 - there is one feature axis, the last (channels-last, any rank >= 2, seen by
-  the kernel as `(values, 1, 1, channels)`) or axis 1 of an input of rank
-  >= 3 (channels-first, seen as `(batch, channels, values, 1)`);
-- the input is float32 (half inputs are widened to float32 first; float64
-  has no fused kernel);
+  the kernel as `(values, channels)`) or axis 1 of an input of rank >= 3
+  (channels-first, seen as `(batch, channels, values)`);
+- the input is float32, or float64 on torch (half inputs are widened to
+  float32 first; TensorFlow's kernel has no float64 version);
 - there is no mask, no renorm, no ghost batches, no synchronized moments
   (those change the statistics the kernel would compute);
-- `epsilon >= 1.001e-5`, the smallest cuDNN accepts on a GPU.
+- on TensorFlow, `epsilon >= 1.001e-5`, the smallest cuDNN accepts on a GPU
+  (torch falls back to its own kernel below it).
 
-With `fused=None` the layer uses it for channels-last inputs only, and in
-training only on 4-D and 5-D inputs, where it is faster than the unfused ops
-on a CPU; `fused=True` asks for it wherever it applies, and is an error where
-it cannot; a saved `fused=True` layer loaded on JAX or torch (a `.keras`
-file is portable across backends) runs without it, with a warning. The
-whole decision is here: `check_request` when the layer is created, `plan`
-when it is built, `in_training` and `in_inference` when it runs.
+With `fused=None` the layer uses it wherever it is faster than its own
+operations, measured in `benchmarks/bench_layer.py`: on torch everywhere it
+applies; on TensorFlow for channels-last inputs, and in training only on
+4-D and 5-D inputs whose gradient is needed (see `needs_input_gradient`).
+`fused=True` asks for it wherever it applies, and is an error where it
+cannot; a saved `fused=True` layer loaded on JAX (a `.keras` file is portable
+across backends) runs without it, with a warning. The whole decision is
+here: `check_request` when the layer is created, `plan` when it is built,
+`in_training` and `in_inference` when it runs.
 
-The kernel returns the batch mean and the *unbiased* batch variance; the
-layer turns the latter back into the biased variance before its own guarded
+The kernels run in training mode on batch statistics only: they update no
+running statistics themselves (Keras moved off torch's kernel because it
+updated them in place, keras-team/keras#19102). They return the batch mean
+and a variance (TensorFlow's unbiased, torch's as `1 / sqrt(var + eps)`),
+which the layer turns back into the biased variance before its own guarded
 update of the population statistics, so every statistics option (momentum,
 `momentum=None`, `debias`, `unbiased_variance`) and every guard (single
-value per feature, non-finite moments) holds on the fused path as well.
+value per feature, non-finite moments) holds on the kernel path as well.
+
+Both kernels lose accuracy when the mean is far from 0 compared with the
+spread (TensorFlow's sums raw values; torch's inference multiplies raw
+values by `gamma / sqrt(var + eps)` and adds a folded offset): such batches
+are normalized again from shifted values in training, and such statistics
+take the layer's own operations in inference on torch.
 """
 
 from typing import NamedTuple
@@ -73,7 +91,7 @@ def unavailable(epsilon: float) -> str | None:
     why = backend_unavailable()
     if why is not None:
         return why
-    if epsilon < MIN_EPSILON:
+    if keras.backend.backend() == "tensorflow" and epsilon < MIN_EPSILON:
         return (
             f"the kernel needs epsilon >= {MIN_EPSILON} (cuDNN's minimum), "
             f"and epsilon={epsilon}"
@@ -82,10 +100,13 @@ def unavailable(epsilon: float) -> str | None:
 
 
 def backend_unavailable() -> str | None:
-    """Why the backend has no fused kernel, or None on TensorFlow."""
+    """Why the backend has no fused kernel, or None on TensorFlow and torch."""
     backend = keras.backend.backend()
-    if backend != "tensorflow":
-        return f"the fused kernel is TensorFlow's, and the backend is {backend}"
+    if backend not in ("tensorflow", "torch"):
+        return (
+            "the fused kernels are TensorFlow's and torch's, and the backend "
+            f"is {backend}"
+        )
     return None
 
 
@@ -197,6 +218,15 @@ def plan(
         if fused:
             raise ValueError(refusal(why))
         return Plan()
+    options_allow_training = (
+        training_unsupported(renorm, virtual_batch_size, synchronized) is None
+    )
+    if keras.backend.backend() == "torch":
+        # torch's kernel takes (batch, channels, ...) as it is and
+        # channels-last inputs as (values, channels): faster than the
+        # layer's own operations on every shape measured, since eager torch
+        # pays for each operation.
+        return Plan(data_format, options_allow_training, bool(fused))
     if data_format != "NHWC" and not fused:
         # Channels-first on request only: the CPU kernel transposes to
         # channels-last and back (1.7x Keras' training step, 7x its
@@ -205,9 +235,6 @@ def plan(
     # Training on request, or on images and volumes: for smaller inputs
     # the kernel's fixed cost outweighs its gain (dense (60, 100): 1.05x
     # to 1.13x Keras' step, unfused 0.99x).
-    options_allow_training = (
-        training_unsupported(renorm, virtual_batch_size, synchronized) is None
-    )
     training = options_allow_training and (bool(fused) or rank in (4, 5))
     return Plan(data_format, training, bool(fused))
 
@@ -232,8 +259,8 @@ def in_training(plan: Plan, x, mask) -> bool:
     why = None
     if mask is not None:
         why = "a mask selects the values that enter the batch statistics"
-    elif (dtype := keras.backend.standardize_dtype(x.dtype)) != "float32":
-        why = f"the kernel has no {dtype} version"
+    else:
+        why = _dtype_unsupported(x)
     if why and plan.required:
         raise ValueError(refusal(why))
     return why is None
@@ -247,13 +274,20 @@ def in_inference(plan: Plan, x) -> bool:
         x: The input, already cast to float32 or float64.
 
     Returns:
-        True if the kernel normalizes `x` (float32 inputs only; float64
-            takes the unfused path silently, even with `fused=True`).
+        True if the kernel normalizes `x` (float32 inputs, and float64 on
+            torch; TensorFlow's float64 takes the unfused path silently, even
+            with `fused=True`).
     """
-    return (
-        plan.data_format is not None
-        and keras.backend.standardize_dtype(x.dtype) == "float32"
-    )
+    return plan.data_format is not None and _dtype_unsupported(x) is None
+
+
+def _dtype_unsupported(x) -> str | None:
+    dtype = keras.backend.standardize_dtype(x.dtype)
+    if dtype == "float32" or (
+        dtype == "float64" and keras.backend.backend() == "torch"
+    ):
+        return None
+    return f"the kernel has no {dtype} version"
 
 
 def layout(axes: tuple[int, ...], rank: int) -> tuple[str | None, str | None]:
@@ -298,7 +332,49 @@ def _parameters(gamma, beta, channels):
 
 
 def train(x, data_format, gamma, beta, epsilon):
-    """Training-mode normalization of float32 `x` by the fused kernel.
+    """Training-mode normalization of `x` by the backend's kernel.
+
+    Args:
+        x: The float32 input (or float64, on torch).
+        data_format: `"NHWC"` or `"NCHW"`, from `Plan.data_format`.
+        gamma: The scale, of shape `(channels,)`, or None when off.
+        beta: The offset, of shape `(channels,)`, or None when off.
+        epsilon: The layer's `epsilon`.
+
+    Returns:
+        `(outputs, mean, variance)`: the batch mean and the biased batch
+            variance, without gradient (they feed the population statistics
+            only).
+    """
+    if keras.backend.backend() == "torch":
+        return _train_torch(x, data_format, gamma, beta, epsilon)
+    return _train_tensorflow(x, data_format, gamma, beta, epsilon)
+
+
+def inference(x, data_format, mean, variance, gamma, beta, epsilon):
+    """Inference-mode normalization of `x` by the kernel, or None.
+
+    Args:
+        x: The float32 input (or float64, on torch).
+        data_format: `"NHWC"` or `"NCHW"`, from `Plan.data_format`.
+        mean: The population mean, of shape `(channels,)`.
+        variance: The population variance, of shape `(channels,)`.
+        gamma: The scale, of shape `(channels,)`, or None when off.
+        beta: The offset, of shape `(channels,)`, or None when off.
+        epsilon: The layer's `epsilon`.
+
+    Returns:
+        The normalized `x`, or None where the kernel would lose accuracy
+            (torch, with a mean far from 0 compared with the spread): the
+            layer then normalizes with its own operations.
+    """
+    if keras.backend.backend() == "torch":
+        return _inference_torch(x, data_format, mean, variance, gamma, beta, epsilon)
+    return _inference_tensorflow(x, data_format, mean, variance, gamma, beta, epsilon)
+
+
+def _train_tensorflow(x, data_format, gamma, beta, epsilon):
+    """Training-mode normalization of float32 `x` by `FusedBatchNormV3`.
 
     Args:
         x: The float32 input.
@@ -405,7 +481,7 @@ def _kernel(image, data_format, gamma, beta, epsilon, statistics=None):
     )[:3]
 
 
-def inference(x, data_format, mean, variance, gamma, beta, epsilon):
+def _inference_tensorflow(x, data_format, mean, variance, gamma, beta, epsilon):
     """Inference-mode normalization of float32 `x` with the given statistics.
 
     The kernel subtracts the mean first, in a single pass: exact for inputs
@@ -429,3 +505,80 @@ def inference(x, data_format, mean, variance, gamma, beta, epsilon):
     image = _as_image(x, data_format)
     outputs, _, _ = _kernel(image, data_format, gamma, beta, epsilon, (mean, variance))
     return tf.reshape(outputs, tf.shape(x))
+
+
+# torch's kernel. `native_batch_norm` with no running statistics, in
+# training mode, returns the batch mean and `1 / sqrt(var + eps)`; the biased
+# variance is recovered from the latter to within float rounding of
+# `var + eps` (an absolute error of about 1e-10 with the default epsilon).
+
+
+def _channels_view(x, data_format):
+    """`x` as the kernel takes it: `(batch, channels, ...)`, a view."""
+    return x.reshape(-1, x.shape[-1]) if data_format == "NHWC" else x
+
+
+def _far(mean, inverse_std):
+    """Whether a mean is farther than `_FAR_OUT` spreads from 0, as a bool.
+
+    `inverse_std` is `1 / sqrt(var + eps)`. A NaN compares false: a batch
+    with a NaN gains nothing from being normalized again.
+    """
+    import torch
+
+    return bool(torch.any(torch.abs(mean * inverse_std) > _FAR_OUT))
+
+
+def _train_torch(x, data_format, gamma, beta, epsilon):
+    import torch
+
+    image = _channels_view(x, data_format)
+    outputs, mean, inverse_std = torch.native_batch_norm(
+        image, gamma, beta, None, None, True, 0.0, epsilon
+    )
+    # torch's CPU kernel accumulates float32 in float64; a GPU's does not,
+    # and the variance of a batch of magnitude 1e20 overflows float32 (an
+    # inverse of 0): such batches are normalized from deviations from one of
+    # their values, divided by a power of two where they exceed 2**60.
+    if _far(mean, inverse_std) or bool(torch.any(inverse_std == 0)):
+        channels = image.shape[1]
+        shape = (1, channels) + (1,) * (image.dim() - 2)
+        shift = image[:1, :, ...].reshape(1, channels, -1)[:, :, :1]
+        shift = shift.reshape(shape).detach()
+        centered = image - shift
+        axes = tuple(i for i in range(image.dim()) if i != 1)
+        largest = torch.amax(torch.abs(centered.detach()), dim=axes, keepdim=True)
+        large = largest > 2.0**60
+        exponent = torch.ceil(torch.log2(torch.where(large, largest, 1.0)))
+        scale = torch.where(large, torch.pow(2.0, exponent - 40.0), 1.0)
+        outputs, mean, inverse_std = torch.native_batch_norm(
+            centered / scale, gamma, beta, None, None, True, 0.0, epsilon
+        )
+        scale = scale.reshape(channels)
+        variance = torch.clamp(inverse_std**-2 - epsilon, min=0.0) * scale * scale
+        mean = mean * scale + shift.reshape(channels)
+    else:
+        variance = torch.clamp(inverse_std**-2 - epsilon, min=0.0)
+    return outputs.reshape(x.shape), mean, variance
+
+
+def _inference_torch(x, data_format, mean, variance, gamma, beta, epsilon):
+    import torch
+
+    # The kernel computes x * a + (beta - mean * a): two terms of the size
+    # of mean * a cancel, an error of about |mean| / std float rounding
+    # units of the output. Within _FAR_OUT spreads that is a few units.
+    if _far(mean, torch.rsqrt(variance + epsilon)):
+        return None
+    outputs = torch.batch_norm(
+        _channels_view(x, data_format),
+        gamma,
+        beta,
+        mean,
+        variance,
+        False,
+        0.0,
+        epsilon,
+        torch.backends.cudnn.enabled,
+    )
+    return outputs.reshape(x.shape)

@@ -16,9 +16,7 @@ replaces the old value outright, so a NaN state is repaired.
 
 import math
 
-from keras import ops
-
-from bn_keras import virtual_batch
+from bn_keras import kernels, virtual_batch
 from bn_keras.moments import bessel_factor
 
 
@@ -35,11 +33,14 @@ def batch_contribution(moments, param_shape, unbiased_variance, ghosts):
         `(mean, variance, ok)`: `ok` is False for features whose statistics
             must stay as they are.
     """
+    ops = kernels.update_ops()
     mean = moments.mean + moments.shift
     variance = moments.variance
     finite = ops.logical_and(ops.isfinite(mean), ops.isfinite(variance))
-    filled = True if isinstance(moments.count, int) else moments.count > 1
-    ok = ops.logical_and(finite, filled)
+    if isinstance(moments.count, int):
+        ok = finite  # more than one value: the layer checked it
+    else:
+        ok = ops.logical_and(finite, moments.count > 1)
     if unbiased_variance:
         variance = variance * ops.cast(bessel_factor(moments.count), variance.dtype)
     if ghosts:
@@ -65,6 +66,7 @@ def average_rate(momentum, debias, num_batches=None):
         return 1.0 - momentum, momentum
     if momentum == 0.0:
         return 1.0, 0.0
+    ops = kernels.update_ops()
     t = ops.cast(num_batches, "float32") + 1.0
     if momentum is None:
         rate = 1.0 / t
@@ -83,6 +85,7 @@ def any_updated(ok, counter_shape):
     of the statistics (one counter per timestep), with the size-1 axes kept so
     that the averaging rate broadcasts against the statistics.
     """
+    ops = kernels.update_ops()
     if not counter_shape:
         return ops.any(ok)
     axes = tuple(i for i, size in enumerate(counter_shape) if size == 1)
@@ -91,6 +94,7 @@ def any_updated(ok, counter_shape):
 
 def assign_average(variable, value, rate, keep, ok):
     """Assigns `keep * variable + rate * value` where `ok`; returns the result."""
+    ops = kernels.update_ops()
     old = ops.cast(variable, value.dtype)
     if isinstance(keep, float) and keep == 0.0:
         # A replacement, not a blend: 0 * NaN would keep a NaN state.
