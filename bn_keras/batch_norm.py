@@ -11,6 +11,7 @@ from keras import constraints, initializers, ops, regularizers
 from bn_keras import (
     checks,
     domains,
+    jax_kernel,
     kernels,
     masking,
     renorm,
@@ -625,6 +626,13 @@ class BatchNorm(keras.layers.Layer):
                 reduction_axes, broadcast_shape
             )
 
+        if (
+            keras.backend.backend() == "jax"
+            and jax_kernel.applies(mask, ghosts, self.synchronized)
+            and not (self.renorm and update)
+        ):
+            return self._jax_train_call(x, inputs, update, domain)
+
         batch_moments = moments(x, reduction_axes, mask, self.synchronized)
         count = self._most_values_per_feature(x, reduction_axes, batch_moments, mask)
         if count is not None:
@@ -654,6 +662,31 @@ class BatchNorm(keras.layers.Layer):
         multiplier, offset = fold_centered(batch_moments, gamma, beta, self.epsilon)
         outputs = batch_moments.centered * multiplier + offset
         return virtual_batch.merge(outputs, shape) if ghosts else outputs
+
+    def _jax_train_call(self, x, inputs, update, domain):
+        """`_train_call` through `bn_keras.jax_kernel` (no mask, ghosts, sync)."""
+        count = static_count(x, self._reduction_axes)
+
+        def message(input_shape):
+            return checks.single_value_message(
+                input_shape, self._reduction_axes, None, batch_mode=not update
+            )
+
+        x = checks.require(count > 1, message, x, shapes=(inputs,))
+        shape = self._broadcast_shape
+        gamma = self._parameter(self.gamma, x.dtype, shape, domain)
+        beta = self._parameter(self.beta, x.dtype, shape, domain)
+        outputs, mean, variance = jax_kernel.train(
+            x,
+            self._reduction_axes,
+            ops.ones(shape, x.dtype) if gamma is None else gamma,
+            ops.zeros(shape, x.dtype) if beta is None else beta,
+            self.epsilon,
+        )
+        if update:
+            moments_ = Moments(None, mean, variance, count, 0.0)
+            self._update_statistics(moments_, False, domain)
+        return outputs
 
     def _fused_train_call(self, x, update):
         count = static_count(x, self._reduction_axes)

@@ -51,12 +51,14 @@ from typing import NamedTuple
 
 import keras
 
+from bn_keras import kernels
+
 MIN_EPSILON = 1.001e-5
 # Batches whose mean is farther than this many standard deviations from 0 are
-# normalized from shifted values (see `train`): below it, the kernel's output
-# is within about 1.5e-5 of a float64 reference (measured on 65,536 values
-# per channel); beyond, its error grows in proportion.
-_FAR_OUT = 8.0
+# normalized from shifted values (see `train`): below it, TensorFlow's
+# kernel's output is within about 1.5e-5 of a float64 reference (measured on
+# 65,536 values per channel); beyond, its error grows in proportion.
+_FAR_OUT = kernels.FAR_OUT
 _LN2 = 0.6931471805599453
 
 
@@ -263,7 +265,61 @@ def in_training(plan: Plan, x, mask) -> bool:
         why = _dtype_unsupported(x)
     if why and plan.required:
         raise ValueError(refusal(why))
+    if why is None and not plan.required and not needs_input_gradient(x):
+        return False
     return why is None
+
+
+def needs_input_gradient(x) -> bool:
+    """Whether a gradient may flow into `x`, as far as the graph shows.
+
+    TensorFlow's kernel computes the input's gradient with gamma's and
+    beta's in one op, needed or not; Keras' operations skip it. For BN on a
+    model's raw inputs (a first layer) the kernel's step is slower than
+    Keras' (1.10x measured), so `fused=None` leaves such inputs to the
+    layer's own operations. Inside a TensorFlow graph an input computed from
+    no variable (the model's inputs, a constant) is such an input; anywhere
+    else (eager calls, torch, where the kernel skips an unneeded gradient
+    itself) this says True. Only the speed depends on it: both paths give
+    the same results.
+
+    Args:
+        x: The layer's input tensor.
+
+    Returns:
+        False if `x` is a TensorFlow graph tensor that no variable feeds.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return True
+    import tensorflow as tf
+
+    if tf.executing_eagerly() or not hasattr(x, "op"):
+        return True
+    seen = set()
+    pending = [x.op]
+    while pending:
+        op = pending.pop()
+        if op.type in _VARIABLE_READS:
+            return True
+        for tensor in op.inputs:
+            if tensor.op.name not in seen:
+                seen.add(tensor.op.name)
+                pending.append(tensor.op)
+        if len(seen) > _GRAPH_SEARCH_LIMIT:
+            return True  # a large graph: assume a layer with weights below
+    return False
+
+
+_VARIABLE_READS = (
+    "ReadVariableOp",
+    "ResourceGather",
+    "ResourceGatherNd",
+    "VariableV2",
+    "Variable",
+)
+# Ops looked at before `needs_input_gradient` gives up and says True: the
+# input of a first layer is a few ops (casts, checks) from the data.
+_GRAPH_SEARCH_LIMIT = 500
 
 
 def in_inference(plan: Plan, x) -> bool:

@@ -239,10 +239,9 @@ def normalize_broadcast(x, mean, variance, gamma, beta, epsilon):
     Returns:
         The normalized `x`.
     """
-    multiplier = ops.rsqrt(variance + epsilon)
-    if gamma is not None:
-        multiplier = multiplier * gamma
-    return kernels.subtract_multiply_add(x, mean, multiplier, beta)
+    inverse_std = ops.rsqrt(variance + epsilon)
+    multiplier = inverse_std if gamma is None else inverse_std * gamma
+    return kernels.subtract_multiply_add(x, mean, multiplier, beta, inverse_std)
 
 
 def bessel_factor(count):
