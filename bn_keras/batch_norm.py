@@ -131,13 +131,15 @@ class BatchNorm(keras.layers.Layer):
             unbiased batch variance.
         virtual_batch_size: Optional positive integer, the size of the ghost
             batches; the batch size must be a multiple of it.
-        fused: Whether to use TensorFlow's fused batch-norm kernel
-            (`FusedBatchNormV3`, forward and backward). `None` (default): where
-            it gives the same results (TensorFlow, one channels-last or
-            channels-first feature axis, float32, no mask, renorm, ghost
-            batches or synchronization; see `bn_keras.fused`). `True`: always,
-            and a `ValueError` that says why where it cannot (a saved
-            `fused=True` layer loads on JAX and torch, with a warning: see
+        fused: Whether to use the backend's batch-norm kernel, forward and
+            backward: TensorFlow's `FusedBatchNormV3` or torch's
+            `native_batch_norm` (see `bn_keras.fused`). `None` (default):
+            where it gives the same results (one channels-last or
+            channels-first feature axis, float32, or float64 on torch, no
+            mask, renorm, ghost batches or synchronization) and is faster
+            than the layer's own operations. `True`: always, and a
+            `ValueError` that says why where it cannot (a saved `fused=True`
+            layer loads on JAX, which has no kernel, with a warning: see
             `from_config`). `False`: never.
         statistics: `"update"`, `"frozen"` or `"batch"`: which statistics
             normalize in each mode, and whether the population statistics
@@ -475,7 +477,7 @@ class BatchNorm(keras.layers.Layer):
         """The population `(mean, variance)` that normalize `x` in inference.
 
         Base: `moving_mean` and `moving_variance`, one value per feature (and
-        TensorFlow's fused kernel where it applies). A subclass whose
+        the backend's kernel where it applies). A subclass whose
         statistics vary along other axes returns them with the rank of `x`,
         broadcastable against it.
         """
@@ -797,7 +799,7 @@ class BatchNorm(keras.layers.Layer):
         the user as it is, also from `keras.saving.load_model`.
 
         A config with `fused=True` loaded on a backend without the fused
-        kernel (a model saved on TensorFlow, loaded on JAX or torch) gives a
+        kernel (a model saved on TensorFlow or torch, loaded on JAX) gives a
         layer that runs without it, with a warning: `fused` changes the
         speed, not the results. Its `get_config` still says `fused=True`.
         Constructing `BatchNorm(fused=True)` on such a backend stays an
