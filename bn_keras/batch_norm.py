@@ -798,12 +798,13 @@ class BatchNorm(keras.layers.Layer):
         deserialized" message with the reason last; a `ValueError` reaches
         the user as it is, also from `keras.saving.load_model`.
 
-        A config with `fused=True` loaded on a backend without the fused
-        kernel (a model saved on TensorFlow or torch, loaded on JAX) gives a
-        layer that runs without it, with a warning: `fused` changes the
-        speed, not the results. Its `get_config` still says `fused=True`.
-        Constructing `BatchNorm(fused=True)` on such a backend stays an
-        error.
+        A config with `fused=True` loaded where the kernel cannot run (a
+        model saved on TensorFlow or torch, loaded on JAX; one saved on
+        torch with an epsilon below cuDNN's minimum or a float64 dtype,
+        loaded on TensorFlow) gives a layer that runs without it, with a
+        warning: `fused` changes the speed, not the results. Its
+        `get_config` still says `fused=True`. Constructing
+        `BatchNorm(fused=True)` there stays an error.
         """
         config = dict(config)
         if isinstance(config.get("dtype"), dict):
@@ -816,7 +817,9 @@ class BatchNorm(keras.layers.Layer):
             config["dtype"] = policy
         why = None
         if config.get("fused") is True:
-            why = fused_kernel.backend_unavailable()
+            why = fused_kernel.unavailable_for_config(
+                config.get("epsilon", 1e-3), config.get("dtype")
+            )
         try:
             if why is None:
                 return cls(**config)

@@ -112,6 +112,29 @@ def backend_unavailable() -> str | None:
     return None
 
 
+def unavailable_for_config(epsilon: float, dtype) -> str | None:
+    """Why a saved `fused=True` layer cannot use this backend's kernel, or None.
+
+    A `.keras` file is portable across backends, and `fused` changes only
+    the speed: what rules the kernel out here (JAX; on TensorFlow an epsilon
+    below cuDNN's minimum or a float64 layer, which torch's kernel takes)
+    makes the loaded layer run without it rather than fail.
+
+    Args:
+        epsilon: The config's `epsilon`.
+        dtype: The config's `dtype`: a name, a policy name, or None.
+
+    Returns:
+        The reason, or None.
+    """
+    why = unavailable(epsilon)
+    if why is None and keras.backend.backend() == "tensorflow":
+        name = dtype if isinstance(dtype, str) else None
+        if name is not None and name.endswith("float64"):
+            why = "the kernel has no float64 version"
+    return why
+
+
 def loaded_elsewhere_warning(name: str, why: str) -> str:
     """The warning for a `fused=True` config loaded where there is no kernel."""
     return (
@@ -592,10 +615,11 @@ def _train_torch(x, data_format, gamma, beta, epsilon):
     outputs, mean, inverse_std = torch.native_batch_norm(
         image, gamma, beta, None, None, True, 0.0, epsilon
     )
-    # torch's CPU kernel accumulates float32 in float64; a GPU's does not,
-    # and the variance of a batch of magnitude 1e20 overflows float32 (an
-    # inverse of 0): such batches are normalized from deviations from one of
-    # their values, divided by a power of two where they exceed 2**60.
+    # The kernel sums raw values: at mean 1e6 and std 1e-2 its output is off
+    # by about 0.5 (torch 2.13 on a CPU), and the variance of a batch of
+    # magnitude 1e20 overflows float32 (an inverse of 0). Such batches are
+    # normalized from deviations from one of their values, divided by a
+    # power of two where they exceed 2**60.
     if _far(mean, inverse_std) or bool(torch.any(inverse_std == 0)):
         channels = image.shape[1]
         shape = (1, channels) + (1,) * (image.dim() - 2)

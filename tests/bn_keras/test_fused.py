@@ -697,3 +697,25 @@ def test_fused_true_from_config_on_every_backend():
     warned = [w for w in caught if "saved with fused=True" in str(w.message)]
     assert len(warned) == (0 if BACKEND in KERNEL_BACKENDS else 1)
     assert layer.fused is (True if BACKEND in KERNEL_BACKENDS else None)
+
+
+def test_a_fused_config_the_kernel_cannot_take_here_loads_without_it():
+    # Saved on torch, which takes both, and loaded elsewhere: on TensorFlow
+    # an epsilon below cuDNN's minimum or a float64 layer rules the kernel
+    # out, on JAX there is none. The layer loads, warns, and trains.
+    rng = np.random.default_rng(0)
+    for extra in ({"epsilon": 1e-6}, {"dtype": "float64"}):
+        config = {**BatchNorm(name="bn").get_config(), "fused": True, **extra}
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            layer = BatchNorm.from_config(config)
+        warned = [w for w in caught if "saved with fused=True" in str(w.message)]
+        if BACKEND == "torch":
+            assert warned == [] and layer.fused is True
+        else:
+            assert len(warned) == 1 and layer.fused is None
+        assert layer.get_config()["fused"] is True
+        x = rng.normal(3.0, 2.0, (6, 4)).astype(layer.dtype)
+        epsilon = extra.get("epsilon", 1e-3)
+        expected, *_ = reference.train_transform(x, None, None, epsilon, -1)
+        np.testing.assert_allclose(as64(layer(x, training=True)), expected, **F32)

@@ -10,12 +10,12 @@ import bn_keras
 from bn_keras import BatchNorm, BatchNormLSTM, TimestepBatchNorm
 from tests import reference
 from tests.bn_keras.helpers import (
+    BACKEND,
     EPSILON,
     F32,
     F32_RECURRENT,
     as64,
     random_inputs,
-    tensorflow_only,
 )
 
 SHAPE = (16, 5)
@@ -84,7 +84,7 @@ def test_gamma_and_beta_get_their_gradients_in_every_mode(
     np.testing.assert_allclose(dx, dx_ref, rtol=1e-4, atol=1e-4)
 
 
-@tensorflow_only("the fused kernel is TensorFlow's")
+@pytest.mark.skipif(BACKEND == "jax", reason="TensorFlow's and torch's kernels.")
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("mode", MODES)
 def test_modes_hold_on_the_fused_path(mode, training, rng, set_random_weights):
