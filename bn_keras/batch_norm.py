@@ -10,8 +10,8 @@ from keras import constraints, initializers, ops, regularizers
 
 from bn_keras import (
     checks,
+    closed_form,
     domains,
-    jax_kernel,
     kernels,
     masking,
     renorm,
@@ -628,12 +628,10 @@ class BatchNorm(keras.layers.Layer):
                 reduction_axes, broadcast_shape
             )
 
-        if (
-            keras.backend.backend() == "jax"
-            and jax_kernel.applies(mask, ghosts, self.synchronized)
-            and not (self.renorm and update)
+        if closed_form.applies(mask, ghosts, self.synchronized) and not (
+            self.renorm and update
         ):
-            return self._jax_train_call(x, inputs, update, domain)
+            return self._closed_form_train_call(x, inputs, update, domain)
 
         batch_moments = moments(x, reduction_axes, mask, self.synchronized)
         count = self._most_values_per_feature(x, reduction_axes, batch_moments, mask)
@@ -665,8 +663,8 @@ class BatchNorm(keras.layers.Layer):
         outputs = batch_moments.centered * multiplier + offset
         return virtual_batch.merge(outputs, shape) if ghosts else outputs
 
-    def _jax_train_call(self, x, inputs, update, domain):
-        """`_train_call` through `bn_keras.jax_kernel` (no mask, ghosts, sync)."""
+    def _closed_form_train_call(self, x, inputs, update, domain):
+        """`_train_call` through `bn_keras.closed_form` (no mask, ghosts, sync)."""
         count = static_count(x, self._reduction_axes)
 
         def message(input_shape):
@@ -678,7 +676,7 @@ class BatchNorm(keras.layers.Layer):
         shape = self._broadcast_shape
         gamma = self._parameter(self.gamma, x.dtype, shape, domain)
         beta = self._parameter(self.beta, x.dtype, shape, domain)
-        outputs, mean, variance = jax_kernel.train(
+        outputs, mean, variance = closed_form.train(
             x,
             self._reduction_axes,
             ops.ones(shape, x.dtype) if gamma is None else gamma,
