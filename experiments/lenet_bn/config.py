@@ -28,6 +28,11 @@ DEFAULTS = {
     # d2l's BN: moving = 0.9 * moving + 0.1 * batch (Keras' momentum 0.9).
     "bn_momentum": 0.9,
     "bn_epsilon": 1e-5,
+    # The callbacks study (callbacks_study.py): the diagnosis at each epoch's
+    # end and the six networks trained again with callbacks, most of the run's
+    # time. false trains and folds the four versions alone (no callbacks.png,
+    # no study in the metrics and the summary), e.g. to try another dataset.
+    "callbacks_study": True,
     # Precise BN after each epoch: this many training batches of batch_size.
     # The callbacks study draws its own sample of this size once, for the
     # PreciseBN callback and the diagnosis.
@@ -62,7 +67,7 @@ def validate(config):
         "decay_learning_rate",
     )
     check_batch_norm(config, debiased=True)
-    if config["freeze_last_epochs"] >= config["epochs"]:
+    if config["callbacks_study"] and config["freeze_last_epochs"] >= config["epochs"]:
         raise ConfigError(
             f"config key 'freeze_last_epochs' ({config['freeze_last_epochs']}) "
             f"must be less than 'epochs' ({config['epochs']}): FreezeStatistics "

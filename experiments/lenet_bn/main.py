@@ -17,7 +17,7 @@ folded BN networks' test accuracy, agreement and inference speed. The
 callbacks study (`callbacks_study`) diagnoses the bn_keras network's
 statistics at each epoch's end (`bn_keras.inspect_statistics`) and trains it
 again with `bn_keras.callbacks.PreciseBN`, with `FreezeStatistics` and with
-`SGD(use_ema=True)`.
+`SGD(use_ema=True)`; `--set callbacks_study=false` leaves it out.
 """
 
 import time
@@ -38,24 +38,26 @@ def run(run_dir, config, data, progress=True):
     run_dir.stage("training")
     models = lt.build_versions(config)
     initial_weights = models[lm.BN_KERAS].get_weights()
-    study = cs.Study(data, config)
+    study = cs.Study(data, config) if config["callbacks_study"] else None
     records = lt.train_versions(
         models,
         data,
         config,
         progress=progress,
         report=run_dir.progress,
-        observe=study.observe,
+        observe=None if study is None else study.observe,
     )
-    run_dir.stage("callbacks study")
-    studied = study.run(
-        initial_weights,
-        records[lm.BN_KERAS],
-        progress=progress,
-        report=lambda step, steps: run_dir.stage(
-            "callbacks study", step=step, steps=steps
-        ),
-    )
+    studied = {}
+    if study is not None:
+        run_dir.stage("callbacks study")
+        studied = study.run(
+            initial_weights,
+            records[lm.BN_KERAS],
+            progress=progress,
+            report=lambda step, steps: run_dir.stage(
+                "callbacks study", step=step, steps=steps
+            ),
+        )
     run_dir.stage("folding")
     folded, fold = {}, {}
     for version in (lm.BN_KERAS, lm.KERAS):
@@ -263,7 +265,8 @@ def summary_table(metrics):
         for name in ("gamma", "beta"):
             values = ", ".join(f"{v:.3f}" for v in params[name])
             lines.append(f"- {LABELS[version]}, {name}: [{values}]")
-    lines += _study_summary(metrics)
+    if "callbacks" in metrics:
+        lines += _study_summary(metrics)
     return "\n".join(lines) + "\n"
 
 

@@ -22,12 +22,12 @@ STATISTICS_LABELS = {
 
 
 def plot_all(metrics_path, out_dir=None):
-    """Writes `FIGURES` next to `metrics_path` (or into `out_dir`); returns paths."""
+    """Writes `FIGURES` next to `metrics_path` (or into `out_dir`), the last
+    only for a run with the callbacks study; returns their paths."""
     metrics, out_dir = load_metrics(metrics_path, out_dir)
-    return [
-        save(draw(metrics), out_dir / name)
-        for name, draw in zip(FIGURES, (_curves, _statistics, _callbacks), strict=True)
-    ]
+    draw = dict(zip(FIGURES, (_curves, _statistics, _callbacks), strict=True))
+    names = FIGURES if "callbacks" in metrics else FIGURES[:-1]
+    return [save(draw[name](metrics), out_dir / name) for name in names]
 
 
 def _curves(metrics):

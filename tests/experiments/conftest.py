@@ -14,6 +14,24 @@ import pytest
 from experiments.common.metrics import METRICS_FILE
 from tests.experiments.helpers import experiment_main, strict_json
 
+# The module whose tests read every experiment's smoke run.
+EVERY_EXPERIMENT = Path(__file__).with_name("test_every_experiment.py")
+
+
+def pytest_collection_modifyitems(items):
+    """Puts `test_every_experiment.py` after the experiments' own modules.
+
+    A smoke run is made once, by the first pytest-xdist worker that asks for
+    it (`once`); another worker that asks meanwhile waits. That module asks
+    for every experiment's run: first in the order, one worker made them all
+    in a row while the other waited at the next module that needed one.
+    Last, each run is made by the worker that reaches its experiment's
+    module, and that module finds them made.
+    """
+    last = [item for item in items if item.path == EVERY_EXPERIMENT]
+    if last:
+        items[:] = [item for item in items if item.path != EVERY_EXPERIMENT] + last
+
 
 class SmokeRun(typing.NamedTuple):
     """A finished run: its folder and its metrics file's contents."""

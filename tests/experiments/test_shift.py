@@ -56,9 +56,19 @@ def test_end_to_end(shift_run):
         assert (out / name).is_file(), name
     assert strict_json(out / "run.json")["state"] == "complete"
     assert_outputs_whole(out)
+    # Clean MNIST, every shift of the config at each of its severities, the
+    # digits.
+    config = metrics["config"]
     names = metrics["settings"]
     assert names[0] == sdata.CLEAN and names[-1] == sdata.DIGITS
-    assert len(names) == 2 + 3 * 2
+    assert names[1:-1] == [
+        f"{shift}-{severity}"
+        for shift in config["shifts"]
+        for severity in config["severities"]
+    ]
+    assert set(metrics["mean_error_by_severity"]) == {
+        str(v) for v in config["severities"]
+    }
     for method in methods.METHODS:
         for name in names:
             (value,) = metrics["error"][method][name]
@@ -88,7 +98,8 @@ def test_new_statistics_undo_a_brightness_shift(shift_run):
 def test_batch_of_one_is_refused_and_the_rest_measured(shift_run):
     _, metrics = shift_run
     curve = metrics["curve"]
-    assert curve["batch_sizes"][0] == 1
+    assert curve["batch_sizes"] == metrics["config"]["curve_batch_sizes"]
+    assert curve["batch_sizes"][0] == 1 and len(curve["batch_sizes"]) > 1
     for method in methods.CURVE_METHODS:
         values = curve["error"][method]
         assert values[0] == [None]
