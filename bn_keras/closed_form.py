@@ -16,10 +16,12 @@ fused kernel is not used) run them:
   gradient nobody asks for (a first layer) is not computed.
 
 The variance `mean(d**2) - mean(d)**2` cancels only where the shift is many
-spreads from the mean (outliers among the first examples): such a batch (and one whose squares overflow float32, as a batch of magnitude 1e20)
+spreads from the mean (outliers among the first examples): such a batch
+(and one whose squares overflow float32, as a batch of magnitude 1e20)
 takes a second pass, `mean((d - mean(d))**2)` on `d` divided by a power of
 two where needed, inside a `cond` that ordinary batches skip (a Python
-branch on concrete values).
+branch on concrete values); its input gradient is then computed from the
+normalized batch, whose values are of order 1.
 
 `BatchNorm` uses it in training where no mask, ghost batches or
 synchronized moments change the statistics (`applies`).
@@ -150,11 +152,12 @@ def _forward(x, gamma, beta, epsilon, axes):
     # mean and variance of d / scale (scale 1 but for overflowing batches);
     # the multiplier a = gamma / sqrt(var + eps) in unscaled terms.
     mean, variance, scale = _moments(d, axes, count)
-    inverse = ops.rsqrt(variance + epsilon / ops.square(scale)) / scale
+    # scale * scale, not square(scale): 2**128 is beyond float32.
+    inverse = ops.rsqrt(variance + epsilon / scale / scale) / scale
     multiplier = inverse * gamma
     outputs = d * multiplier + (beta - mean * scale * multiplier)
-    statistics = (mean * scale + shift, variance * ops.square(scale))
-    return outputs, statistics, (d, mean * scale, inverse, gamma)
+    statistics = (mean * scale + shift, variance * scale * scale)
+    return outputs, statistics, (d, mean * scale, inverse, gamma, scale)
 
 
 def _tensorflow_normalize(x, gamma, beta, epsilon, axes):
@@ -196,15 +199,26 @@ def _normalize_backward(epsilon, axes, residuals, cotangents):
 
 
 def _backward(axes, residuals, dy):
-    d, mean, inverse, gamma = residuals
+    d, mean, inverse, gamma, scale = residuals
     count = _count(d, axes)
     dbeta = ops.sum(dy, axis=axes, keepdims=True)
     dgamma = inverse * (ops.sum(dy * d, axis=axes, keepdims=True) - mean * dbeta)
     multiplier = gamma * inverse
+
     # dx = a/n (n dy - dbeta - xhat dgamma), xhat = (d - mean) * inverse.
-    c1 = -multiplier * inverse * dgamma / count
-    c0 = -multiplier * dbeta / count - c1 * mean
-    dx = multiplier * dy + c1 * d + c0
+    def ordinary(dy, d):
+        # As a * dy + c1 * d + c0: per-feature constants, two passes fewer.
+        c1 = -multiplier * inverse * dgamma / count
+        c0 = -multiplier * dbeta / count - c1 * mean
+        return multiplier * dy + c1 * d + c0
+
+    def scaled(dy, d):
+        # Deviations beyond 2**40 (their squares overflowed): c1 would be a
+        # float32 subnormal; xhat is of order 1.
+        normalized = (d / scale - mean / scale) * (inverse * scale)
+        return multiplier * (dy - dbeta / count - normalized * (dgamma / count))
+
+    dx = _cond(ops.all(scale == 1.0), ordinary, scaled, dy, d)
     return dx, _unbroadcast(dgamma, gamma), _unbroadcast(dbeta, gamma)
 
 

@@ -180,7 +180,9 @@ def test_mask_of_the_wrong_rank(axis, shape, mask_shape):
 def test_synchronized_is_accepted_on_every_backend(rng):
     # Outside a distributed step there is one replica and nothing to
     # synchronize; tests/bn_keras/test_distributed.py runs the layer inside one. (Not
-    # against the fused kernel, which synchronized layers do not use.)
+    # against the fused kernel, which synchronized layers do not use; the
+    # plain layer's closed-form step rounds differently from the moments
+    # that synchronized layers take.)
     x = rng.normal(3.0, 2.0, (8, 4)).astype("float32")
     synchronized, plain = BatchNorm(synchronized=True), BatchNorm(fused=False)
     for a, b in [
@@ -188,4 +190,6 @@ def test_synchronized_is_accepted_on_every_backend(rng):
         (synchronized.moving_mean, plain.moving_mean),
         (synchronized.moving_variance, plain.moving_variance),
     ]:
-        np.testing.assert_array_equal(ops.convert_to_numpy(a), ops.convert_to_numpy(b))
+        np.testing.assert_allclose(
+            ops.convert_to_numpy(a), ops.convert_to_numpy(b), rtol=1e-6, atol=1e-6
+        )
