@@ -12,9 +12,10 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import keras
-from keras import activations, initializers, ops, regularizers
+import numpy as np
+from keras import activations, initializers, ops, regularizers, tree
 
-from bn_keras import checks, validation
+from bn_keras import checks, fused, validation
 from bn_keras.timestep import TIME_AXIS, TimestepBatchNorm
 
 
@@ -48,10 +49,13 @@ def _step_moments(z, mask):
     makes the backward pass markedly faster; the pre-activations' mean is of
     the size of their spread, so no shift is needed for accuracy.
     """
+    # `centered * centered`, not `ops.square`: the same values, and under
+    # JAX's gradient XLA saves fewer tensors per step (8% off a masked
+    # training step on CPU; twice as fast a step when unmasked steps ran here).
     if mask is None:
         mean = ops.mean(z, axis=0, keepdims=True)
         centered = z - mean
-        variance = ops.mean(ops.square(centered), axis=0, keepdims=True)
+        variance = ops.mean(centered * centered, axis=0, keepdims=True)
         return centered, mean, variance, None
     weights = ops.cast(mask, z.dtype)
     count = ops.sum(weights, axis=0, keepdims=True)
@@ -60,9 +64,270 @@ def _step_moments(z, mask):
         ops.sum(ops.where(mask, z, 0.0), axis=0, keepdims=True), count
     )
     centered = z - mean
-    squares = ops.where(mask, ops.square(centered), 0.0)
+    squares = ops.where(mask, centered * centered, 0.0)
     variance = ops.divide_no_nan(ops.sum(squares, axis=0, keepdims=True), count)
     return centered, mean, variance, count
+
+
+class _Weights(NamedTuple):
+    """The float32 weights of the unmasked training recurrence.
+
+    The gammas are None where a normalization has no scale; `epsilons` are
+    those of the input, recurrent and cell normalizations.
+    """
+
+    kernel: Any
+    recurrent_kernel: Any
+    bias: Any
+    gamma_x: Any
+    gamma_h: Any
+    gamma_c: Any
+    beta_c: Any
+    epsilons: tuple
+
+
+def _batch_reducers(x):
+    """`(ones, ones / batch, batch)`: the rows whose matmuls sum and average.
+
+    For `_normalized` over the batch of `x`; `batch` is a float, or a scalar
+    tensor in a TensorFlow graph that knows it only when it runs. Built
+    once, outside the recurrence's loop.
+    """
+    batch = x.shape[0]
+    if batch is None:
+        ones = ops.ones((1, ops.shape(x)[0]))
+        batch = ops.cast(ops.shape(x)[0], "float32")
+    else:
+        # NumPy constants: JAX's gradient rule cannot close over a tracer.
+        ones = np.ones((1, batch), "float32")
+        batch = float(batch)
+    return ones, ones / batch, batch
+
+
+def _normalized(z, gamma, beta, epsilon, reducers):
+    """`(gamma * (z - mean) / sqrt(variance + epsilon) + beta, mean, variance)`.
+
+    The batch moments of `z` (batch, features), each `(1, features)`, as
+    are gamma and beta (None for 0); `reducers` are `_batch_reducers`'. The
+    step of the unmasked recurrence on TensorFlow and JAX: the moments are
+    `(1, batch) @ (batch, features)` matmuls (a third of the time of
+    TensorFlow's sums over the batch axis, with oneDNN; fewer of XLA's CPU
+    kernels), and the gradient is written out (two thirds of the ops of
+    TensorFlow's own, fewer tensors saved per step on both). The moments
+    carry no gradient: they feed the population statistics only.
+    """
+    summer, averager, batch = reducers
+
+    def forward(z, gamma):
+        mean = ops.matmul(averager, z)
+        centered = z - mean
+        variance = ops.matmul(averager, centered * centered)
+        inverse = ops.rsqrt(variance + epsilon)
+
+        def gradient(*upstream):
+            # TensorFlow passes one upstream gradient per output, JAX a tuple.
+            upstream = tree.flatten(upstream)[0]
+            d_beta = ops.matmul(summer, upstream)
+            d_gamma = ops.matmul(summer, upstream * centered) * inverse
+            correction = (d_beta + centered * (d_gamma * inverse)) / batch
+            return (upstream - correction) * (inverse * gamma), d_gamma, d_beta
+
+        return centered * (inverse * gamma), mean, variance, gradient
+
+    @ops.custom_gradient
+    def without_beta(z, gamma):
+        outputs, mean, variance, gradient = forward(z, gamma)
+        return (outputs, mean, variance), lambda *d: gradient(*d)[:2]
+
+    @ops.custom_gradient
+    def with_beta(z, gamma, beta):
+        outputs, mean, variance, gradient = forward(z, gamma)
+        return (outputs + beta, mean, variance), gradient
+
+    if gamma is None:
+        gamma = ops.ones((1, z.shape[-1]))
+    if beta is None:
+        return without_beta(z, gamma)
+    return with_beta(z, gamma, beta)
+
+
+def _as_rows(w):
+    """`w` with its vectors as `(1, features)` rows, for `_normalized`."""
+    return w._replace(
+        **{
+            name: ops.reshape(getattr(w, name), (1, -1))
+            for name in ("bias", "gamma_x", "gamma_h", "gamma_c", "beta_c")
+            if getattr(w, name) is not None
+        }
+    )
+
+
+def _shifted(x, kernel):
+    """`x` less its first sequence, and the `x_t W_x` of that sequence.
+
+    The input pre-activations' mean may be far from 0 (the recurrent ones'
+    is not, see `_step_moments`): their moments are taken less one of their
+    values, as in `bn_keras.moments`, the inputs being shifted outside the
+    loop, before the matmul: the same, the kernel being linear, and more
+    accurate (in float32 the pre-activations themselves lose the spread's
+    digits to the mean's). The normalization does not change; the shift is
+    added back to the means, of shape `(time, 1, 4 * units)`.
+    """
+    first = ops.stop_gradient(x[:1])
+    return x - first, ops.transpose(ops.matmul(first, kernel), (1, 0, 2))
+
+
+def _step(x_t, h, c, w, activation, gate, reducers):
+    """One step of the unmasked training recurrence (TensorFlow, JAX).
+
+    The three normalizations of the step with their batch moments. Returns
+    the new `(h, c)` and the moments `(input, recurrent, cell)`, each
+    `(mean, variance)` of shape `(1, features)`.
+    """
+    eps_x, eps_h, eps_c = w.epsilons
+    gates, x_mean, x_variance = _normalized(
+        ops.matmul(x_t, w.kernel), w.gamma_x, w.bias, eps_x, reducers
+    )
+    gates_h, h_mean, h_variance = _normalized(
+        ops.matmul(h, w.recurrent_kernel), w.gamma_h, None, eps_h, reducers
+    )
+    i, f, g, o = ops.split(gates + gates_h, 4, axis=-1)
+    c = gate(f) * c + gate(i) * activation(g)
+    normalized_c, c_mean, c_variance = _normalized(
+        c, w.gamma_c, w.beta_c, eps_c, reducers
+    )
+    h = gate(o) * activation(normalized_c)
+    moments = ((x_mean, x_variance), (h_mean, h_variance), (c_mean, c_variance))
+    return h, c, moments
+
+
+def _scan_recurrence(x, state, w, activation, gate, sequences):
+    """`_unmasked_train_recurrence` as one `keras.ops.scan` (used on JAX)."""
+    x, shift = _shifted(x, w.kernel)
+    w, reducers = _as_rows(w), _batch_reducers(x)
+
+    def step(carry, x_t):
+        h, c, moments = _step(x_t, *carry, w, activation, gate, reducers)
+        return (h, c), (h if sequences else None, moments)
+
+    (h, c), (sequence, moments) = ops.scan(step, state, ops.transpose(x, (1, 0, 2)))
+    (x_mean, x_variance), *moments = moments
+    return sequence, h, c, ((x_mean + shift, x_variance), *moments)
+
+
+def _tensorflow_recurrence(x, state, w, activation, gate, sequences):
+    """`_unmasked_train_recurrence` as a `tf.while_loop` over `_step`.
+
+    The loop carries the state alone (Keras' `scan` passes its carry
+    through TensorArrays, a read and a write per tensor and step) and
+    stacks the step's moments as one tensor; no list it does not write (XLA
+    cannot differentiate a loop that carries one).
+    """
+    import tensorflow as tf
+
+    steps = x.shape[TIME_AXIS] or tf.shape(x)[TIME_AXIS]
+    units = w.recurrent_kernel.shape[0]
+    sizes = [4 * units] * 4 + [units] * 2
+    x, shift = _shifted(x, w.kernel)
+    w, reducers = _as_rows(w), _batch_reducers(x)
+    inputs = tf.TensorArray(tf.float32, size=steps).unstack(tf.transpose(x, (1, 0, 2)))
+
+    def body(t, h, c, moments, *outputs):
+        h, c, step_moments = _step(inputs.read(t), h, c, w, activation, gate, reducers)
+        step_moments = tf.stop_gradient(tf.concat(tf.nest.flatten(step_moments), -1))
+        outputs = tuple(sequence.write(t, h) for sequence in outputs)
+        return t + 1, h, c, moments.write(t, step_moments), *outputs
+
+    moments = tf.TensorArray(tf.float32, size=steps, element_shape=(1, sum(sizes)))
+    outputs = (tf.TensorArray(tf.float32, size=steps),) if sequences else ()
+    _, h, c, moments, *outputs = tf.while_loop(
+        lambda t, *_: t < steps,
+        body,
+        (tf.constant(0), *state, moments, *outputs),
+        maximum_iterations=steps,
+    )
+    x_mean, *moments = tf.split(moments.stack(), sizes, -1)
+    moments = [x_mean + shift, *moments]
+    moments = tuple(zip(moments[::2], moments[1::2], strict=True))
+    return outputs[0].stack() if sequences else None, h, c, moments
+
+
+def _torch_recurrence(x, state, w, activation, gate, sequences):
+    """`_unmasked_train_recurrence` with `native_batch_norm`, in direct torch calls.
+
+    Eager torch pays Keras' dispatch (5 to 25 microseconds) on every
+    `keras.ops` call; this loop makes about a dozen torch calls per step,
+    as Keras' own LSTM on torch. The input pre-activations are split into
+    timesteps by `unbind`, whose gradient is one `stack` (indexing would
+    give each timestep a gradient of the size of the whole sequence).
+    """
+    import torch
+
+    eps_x, eps_h, eps_c = w.epsilons
+    batch, steps, features = x.shape
+    units = w.recurrent_kernel.shape[0]
+    activation, gate = _torch_function(activation), _torch_function(gate)
+    x, shift = _shifted(x, w.kernel)
+    gates = torch.matmul(x.reshape(-1, features), w.kernel)
+    gamma_x = None if w.gamma_x is None else w.gamma_x.repeat(steps)
+    gates, x_mean, x_variance = fused.train(
+        gates.reshape(batch, steps * 4 * units),
+        "NHWC",
+        gamma_x,
+        w.bias.repeat(steps),
+        eps_x,
+    )
+    h, c = state
+    outputs, moments = [], ([], [], [], [])
+    for gates_t in gates.reshape(batch, steps, 4 * units).unbind(1):
+        gates_h, h_mean, h_inverse = torch.native_batch_norm(
+            torch.matmul(h, w.recurrent_kernel),
+            w.gamma_h,
+            None,
+            None,
+            None,
+            True,
+            0.0,
+            eps_h,
+        )
+        i, f, g, o = (gates_t + gates_h).chunk(4, 1)
+        c = torch.addcmul(gate(f) * c, gate(i), activation(g))
+        normalized_c, c_mean, c_inverse = torch.native_batch_norm(
+            c, w.gamma_c, w.beta_c, None, None, True, 0.0, eps_c
+        )
+        h = gate(o) * activation(normalized_c)
+        outputs.append(h)
+        for values, value in zip(
+            moments, (h_mean, h_inverse, c_mean, c_inverse), strict=True
+        ):
+            values.append(value)
+    h_mean, h_inverse, c_mean, c_inverse = (
+        torch.stack(values).unsqueeze(1) for values in moments
+    )
+    # The kernel returns 1 / sqrt(var + eps) (rounding can make var < 0).
+    moments = (
+        (x_mean.reshape(steps, 1, -1) + shift, x_variance.reshape(steps, 1, -1)),
+        (h_mean, torch.clamp(h_inverse**-2 - eps_h, min=0.0)),
+        (c_mean, torch.clamp(c_inverse**-2 - eps_c, min=0.0)),
+    )
+    return torch.stack(outputs) if sequences else None, h, c, moments
+
+
+def _torch_function(activation):
+    """torch's own function for Keras' `tanh` and `sigmoid`, without dispatch."""
+    import torch
+
+    known = {activations.tanh: torch.tanh, activations.sigmoid: torch.sigmoid}
+    return known.get(activation, activation)
+
+
+# `BatchNormLSTM._unmasked_train_recurrence` by backend; elsewhere (and
+# under a mask) the layer runs `input_norm` and `_train_recurrence`.
+_UNMASKED_RECURRENCES = {
+    "tensorflow": _tensorflow_recurrence,
+    "jax": _scan_recurrence,
+    "torch": _torch_recurrence,
+}
 
 
 @keras.saving.register_keras_serializable(package="bn_keras")
@@ -92,9 +357,11 @@ class BatchNormLSTM(keras.layers.Layer):
     `go_backwards`, masks (a masked timestep keeps the state and does not
     enter the batch statistics; pad at the end), `initial_state`, stacking and
     `.keras` saving. The timestep of the statistics is the position in the
-    order of processing (reversed with `go_backwards`). The recurrence runs
-    as `keras.ops.scan` (a `tf.while_loop`, `jax.lax.scan`, or a Python loop
-    on torch). Dropout, `stateful` and `unroll` are not supported.
+    order of processing (reversed with `go_backwards`). Training without a
+    mask runs each backend's fastest form of the recurrence (a
+    `tf.while_loop`, `jax.lax.scan`, or a loop of torch calls; see
+    `benchmarks/bench_recurrent.py`), any other call `keras.ops.scan`, with
+    the same results. Dropout, `stateful` and `unroll` are not supported.
 
     Inputs are checked as Keras' `LSTM` would want them, with an error that
     names what is wrong: a sequence of length 0 raises a `ValueError` in
@@ -331,26 +598,37 @@ class BatchNormLSTM(keras.layers.Layer):
         if batch_statistics:
             x = checks.require(batch > 0, checks.empty_batch_message(x.shape), x)
 
-        # The input-to-hidden pre-activations of all timesteps at once.
-        gates_x = self.input_norm(
-            ops.matmul(x, ops.cast(self.kernel, "float32")), training=train, mask=mask
-        )
-        gates_x = ops.cast(gates_x, "float32") + ops.cast(self.bias, "float32")
         if initial_state is None:
             h = ops.zeros((batch, self.units), "float32")
             state = (h, h)
         else:
             state = self._check_initial_state(initial_state, x)
-        # Time-major for the scan; the mask as (time, batch, 1).
-        xs = [ops.transpose(gates_x, (1, 0, 2))]
-        if mask is not None:
-            xs.append(ops.expand_dims(ops.transpose(mask, (1, 0)), -1))
-        if batch_statistics:
-            sequence, h, c = self._train_recurrence(
-                state, xs, mask, batch, update=mode == "update"
+        if (
+            batch_statistics
+            and mask is None
+            and keras.backend.backend() in _UNMASKED_RECURRENCES
+        ):
+            sequence, h, c = self._unmasked_train_recurrence(
+                x, state, batch, update=mode == "update"
             )
         else:
-            sequence, h, c = self._inference_recurrence(state, xs, mask)
+            # The input-to-hidden pre-activations of all timesteps at once.
+            gates_x = self.input_norm(
+                ops.matmul(x, ops.cast(self.kernel, "float32")),
+                training=train,
+                mask=mask,
+            )
+            gates_x = ops.cast(gates_x, "float32") + ops.cast(self.bias, "float32")
+            # Time-major for the scan; the mask as (time, batch, 1).
+            xs = [ops.transpose(gates_x, (1, 0, 2))]
+            if mask is not None:
+                xs.append(ops.expand_dims(ops.transpose(mask, (1, 0)), -1))
+            if batch_statistics:
+                sequence, h, c = self._train_recurrence(
+                    state, xs, mask, batch, update=mode == "update"
+                )
+            else:
+                sequence, h, c = self._inference_recurrence(state, xs, mask)
 
         if self.return_sequences:
             output = ops.transpose(sequence, (1, 0, 2))
@@ -498,6 +776,65 @@ class BatchNormLSTM(keras.layers.Layer):
         )
         self.cell_norm.update_from_moments(stacked.c_mean, stacked.c_variance, c_count)
         return stacked.h, last.h, last.c
+
+    def _unmasked_train_recurrence(self, x, state, batch, update=True):
+        """The training recurrence without a mask, in the backend's fastest form.
+
+        The same maths as `input_norm` followed by `_train_recurrence`, in
+        fewer operations per timestep (see `benchmarks/bench_recurrent.py`):
+
+        - TensorFlow and JAX: the input normalization moves into the step
+          (over the hoisted `(time, batch, 4 * units)` pre-activations,
+          passing them and their gradient through the loop costs more than
+          normalizing them there), and the three normalizations take their
+          moments as matmuls and have their gradient written out
+          (`_normalized`); TensorFlow's loop is a `tf.while_loop` that
+          carries only the state.
+        - torch: the input normalization of all timesteps is one
+          `native_batch_norm` over `(batch, time * 4 * units)` (each
+          timestep's features are channels of their own), the two per-step
+          ones too, in a loop of direct torch calls.
+
+        Args:
+            x: The float32 sequences, `(batch, time, features)`.
+            state: The initial `(h, c)`.
+            batch: The batch size, an int or a scalar tensor.
+            update: Whether to update the population statistics.
+
+        Returns:
+            `(sequence, h, c)`: the time-major outputs (None unless
+                `return_sequences`), the last state and cell.
+        """
+        message = checks.single_value_message(
+            (x.shape[0], x.shape[TIME_AXIS], 4 * self.units), (0,), None, not update
+        )
+        x = checks.require(batch > 1, message, x)
+        recurrent_kernel, gamma_h, gamma_c, beta_c = self._weights()
+        weights = _Weights(
+            ops.cast(self.kernel, "float32"),
+            recurrent_kernel,
+            ops.cast(self.bias, "float32"),
+            None
+            if self.input_norm.gamma is None
+            else ops.cast(self.input_norm.gamma, "float32"),
+            gamma_h,
+            gamma_c,
+            beta_c,
+            tuple(norm.epsilon for norm in self._norms),
+        )
+        run = _UNMASKED_RECURRENCES[keras.backend.backend()]
+        sequence, h, c, moments = run(
+            x,
+            state,
+            weights,
+            self.activation,
+            self.recurrent_activation,
+            self.return_sequences,
+        )
+        if update:
+            for norm, (mean, variance) in zip(self._norms, moments, strict=True):
+                norm.update_from_moments(mean, variance, batch)
+        return sequence, h, c
 
     def _inference_recurrence(self, state, xs, mask):
         recurrent_kernel, gamma_h, gamma_c, beta_c = self._weights()

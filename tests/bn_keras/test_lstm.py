@@ -382,3 +382,139 @@ def test_bn_lstm_wrong_feature_size_on_a_later_call(training):
         layer(np.zeros((2, 4, 6), "float32"), training=training)
     with pytest.raises(ValueError, match="expected ndim=3"):
         layer(np.zeros((2, 4), "float32"), training=training)
+
+
+def _twin_lstms(rng, input_shape, **kwargs):
+    """Two `BatchNormLSTM`s with the same random weights and statistics."""
+    layer = BatchNormLSTM(4, max_timesteps=4, momentum=0.5, **kwargs)
+    _randomize_lstm(layer, input_shape, rng)
+    twin = BatchNormLSTM(4, max_timesteps=4, momentum=0.5, **kwargs)
+    twin.build(input_shape)
+    twin.set_weights(layer.get_weights())
+    return layer, twin
+
+
+@pytest.mark.parametrize("statistics", ["update", "batch"])
+def test_bn_lstm_unmasked_training_takes_the_backend_recurrence(
+    statistics, rng, monkeypatch
+):
+    # Without a mask the training recurrence is the backend's own
+    # (`_unmasked_train_recurrence`, see benchmarks/bench_recurrent.py): a
+    # change that sent it back to the general path would be slow, not wrong.
+    def general_path(*args, **kwargs):
+        raise AssertionError("the unmasked training call took the general path")
+
+    layer = BatchNormLSTM(4, max_timesteps=4, statistics=statistics)
+    x = rng.normal(size=(6, 5, 3)).astype("float32")
+    layer(x)
+    monkeypatch.setattr(layer, "_train_recurrence", general_path)
+    layer(x, training=True)
+    with pytest.raises(AssertionError, match="general path"):
+        layer(x, training=True, mask=np.ones((6, 5), bool))
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"return_sequences": True},
+        {"return_sequences": False, "go_backwards": True},
+    ],
+)
+def test_bn_lstm_unmasked_recurrence_equals_the_general_one(
+    kwargs, rng, call_with_gradients
+):
+    # An all-True mask takes the general path (the input normalization by
+    # `input_norm`, the recurrence by `_train_recurrence`): outputs, every
+    # gradient and the statistics must not tell them apart.
+    x = rng.normal(size=(6, 5, 3)).astype("float32")
+    upstream = rng.normal(size=(6, 5, 4) if kwargs["return_sequences"] else (6, 4))
+    layer, general = _twin_lstms(rng, x.shape, **kwargs)
+    y, dx, grads = call_with_gradients(layer, x, upstream)
+    y_general, dx_general, grads_general = call_with_gradients(
+        general, x, upstream, mask=np.ones((6, 5), bool)
+    )
+    np.testing.assert_allclose(y, y_general, **F32_RECURRENT)
+    scale = np.abs(dx_general).max()
+    np.testing.assert_allclose(dx / scale, dx_general / scale, **F32_RECURRENT)
+    assert set(grads) == set(grads_general)
+    for name, grad in grads.items():
+        scale = np.abs(grads_general[name]).max()
+        np.testing.assert_allclose(
+            grad / scale, grads_general[name] / scale, **F32_RECURRENT, err_msg=name
+        )
+    for a, b in zip(
+        layer.non_trainable_variables, general.non_trainable_variables, strict=True
+    ):
+        np.testing.assert_allclose(as64(a), as64(b), rtol=1e-5, atol=1e-5)
+
+
+def test_bn_lstm_unmasked_training_inputs_of_a_large_mean(rng):
+    # Inputs of mean 1e3 and spread 1: the input pre-activations are
+    # normalized from inputs shifted by a sequence, as accurate as for
+    # centred inputs (in float32, `x @ W_x` itself would be off by about
+    # 1e-4, as the general path's is).
+    x = (1e3 + rng.normal(size=(6, 5, 3))).astype("float32")
+    layer = BatchNormLSTM(4, max_timesteps=4, momentum=0.5, return_sequences=True)
+    w, population = _randomize_lstm(layer, x.shape, rng)
+    y = as64(layer(x, training=True))
+    expected, _, _, seen = reference.reference_bn_lstm(x, w, training=True)
+    np.testing.assert_allclose(y, expected, **F32_RECURRENT)
+    mean, _ = seen["input"]
+    moving_mean, _ = population["input"]
+    np.testing.assert_allclose(
+        as64(layer.input_norm.moving_mean),
+        0.5 * moving_mean + 0.5 * mean[:4],
+        rtol=1e-6,
+    )
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="tf.function with None dims.")
+def test_bn_lstm_unmasked_training_in_a_graph_of_unknown_sizes(rng):
+    import tensorflow as tf
+
+    x = rng.normal(size=(6, 5, 3)).astype("float32")
+    layer, twin = _twin_lstms(rng, x.shape, return_sequences=True)
+    run = tf.function(
+        lambda x: layer(x, training=True),
+        input_signature=[tf.TensorSpec((None, None, 3))],
+    )
+    np.testing.assert_allclose(
+        as64(run(x)), as64(twin(x, training=True)), **F32_RECURRENT
+    )
+    for a, b in zip(
+        layer.non_trainable_variables, twin.non_trainable_variables, strict=True
+    ):
+        np.testing.assert_allclose(as64(a), as64(b), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="XLA through tf.function.")
+@pytest.mark.parametrize("return_sequences", [False, True])
+def test_bn_lstm_unmasked_training_compiles_with_xla(return_sequences, rng):
+    # Keras compiles with XLA where a GPU is (`jit_compile="auto"`); the
+    # recurrence's loop must carry no list it leaves unwritten, which XLA
+    # cannot differentiate (before: "TensorList input for ZerosLike op is an
+    # uninitialized list").
+    import tensorflow as tf
+
+    x = rng.normal(size=(6, 5, 3)).astype("float32")
+    layer, twin = _twin_lstms(rng, x.shape, return_sequences=return_sequences)
+    upstream = rng.normal(size=(6, 5, 4) if return_sequences else (6, 4))
+
+    def run(layer, x):
+        with tf.GradientTape() as tape:
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(y * upstream)
+        return y, tape.gradient(loss, layer.trainable_variables)
+
+    y, grads = tf.function(lambda x: run(layer, x), jit_compile=True)(x)
+    y_eager, grads_eager = run(twin, x)
+    np.testing.assert_allclose(as64(y), as64(y_eager), **F32_RECURRENT)
+    for grad, grad_eager in zip(grads, grads_eager, strict=True):
+        scale = np.abs(as64(grad_eager)).max()
+        np.testing.assert_allclose(
+            as64(grad) / scale, as64(grad_eager) / scale, **F32_RECURRENT
+        )
+    for a, b in zip(
+        layer.non_trainable_variables, twin.non_trainable_variables, strict=True
+    ):
+        np.testing.assert_allclose(as64(a), as64(b), rtol=1e-5, atol=1e-5)
