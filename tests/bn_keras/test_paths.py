@@ -518,18 +518,10 @@ def test_closed_form_is_exact_at_large_means(rng, axis, mode):
         16,
         256,
         # The shift, the mean of the first 4 examples, is about 64 spreads
-        # from the batch mean: the one-pass variance is kept (the second
-        # pass starts beyond 64) and loses 6 bits, 1e-5 to 5e-5 relative
-        # (the generic path: 3e-7 to 8e-7).
-        pytest.param(
-            1024,
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="closed_form keeps the one-pass variance up to 64 "
-                "squared spreads of cancellation: relative error above 1e-5",
-            ),
-        ),
-        # Beyond: the second pass.
+        # from the batch mean: with the second pass from 8 squared spreads
+        # of cancellation on, the variance keeps float32 accuracy (the
+        # one-pass variance lost 6 bits here, 1e-5 to 5e-5 relative).
+        1024,
         2048,
     ],
 )
