@@ -91,7 +91,7 @@ def subtract_multiply_add(x, mean, multiplier, beta, inverse_std=None):
         import jax
 
         if isinstance(far, jax.core.Tracer):
-            if _size(x) <= _SMALL:
+            if _small(x):
                 return ops.where(far, exact(*operands), folded(*operands))
             return jax.lax.cond(far, exact, folded, *operands)
     return exact(*operands) if bool(far) else folded(*operands)
@@ -104,11 +104,14 @@ FAR_OUT = 8.0
 _SMALL = 2**16
 
 
-def _size(x):
+def _small(x):
+    """Whether `x` has at most `_SMALL` values (a symbolic size counts as large)."""
     size = 1
     for dimension in x.shape:
+        if not isinstance(dimension, int):
+            return False
         size *= dimension
-    return size
+    return size <= _SMALL
 
 
 def cast(x, dtype):

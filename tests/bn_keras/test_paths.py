@@ -24,6 +24,7 @@ the same expression: its gradients are checked near and far.
 
 import contextlib
 
+import keras
 import numpy as np
 import pytest
 
@@ -825,3 +826,24 @@ def test_frozen_statistics_gradients(rng, size, where, mode):
     # Frozen: the statistics stay.
     np.testing.assert_array_equal(as64(layer.moving_mean), mean)
     np.testing.assert_array_equal(as64(layer.moving_variance), variance)
+
+
+class _Wrapped(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.bn = BatchNorm()
+
+    def call(self, x):
+        return self.bn(x)
+
+
+def test_inference_with_a_symbolic_batch_size():
+    # A subclassed model's output shape is inferred by tracing its call with
+    # symbolic dimensions (on JAX, shape polymorphism): the fold's choice of
+    # `where` or `cond` by size must not compare a symbolic size.
+    model = _Wrapped()
+    spec = model.compute_output_spec(keras.KerasTensor((None, 3)))
+    assert tuple(spec.shape) == (None, 3)
+    x = np.arange(12, dtype="float32").reshape(4, 3)
+    expected = reference.normalize(x, np.zeros(3), np.ones(3), None, None, EPSILON, -1)
+    np.testing.assert_allclose(as64(model(x)), expected, **F32)
